@@ -1,0 +1,213 @@
+"""Checkpoint format v1: the single source of truth shared by the merge tool and the plugin.
+
+Importable without vLLM (and without torch). Everything that names a tensor, a config
+field or a file of a channel-merged checkpoint is defined here and nowhere else.
+
+Layout of a merged checkpoint directory::
+
+    config.json                      base config + architectures + quantization_config
+    model-0000i-of-0000n.safetensors weights (see below)
+    model.safetensors.index.json
+    tokenizer files, README.md (model card), channelmerge.yaml (the merge config used)
+    channelmerge/norms.safetensors   per-expert norm weights that were folded (for extract)
+    channelmerge/report.json         per-tensor merge statistics (for inspect)
+    router/                          optional `auto` router (JSON / safetensors only)
+
+Weights: every channel-merged tensor ``X.weight`` is stored as ``[K, out, in]`` (K groups),
+with ``X.group_index`` ``[N, out]`` (int32, values in ``[0, K)``) mapping each expert's
+output channel to its group, and ``X.bias`` (if any) as ``[K, out]``. Group 0 is each
+channel's largest group (runtime strategies rely on this). Other tensors (norms) are stored
+as in a plain HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "channel_merged"
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+MERGE_CONFIG_FILE = "channelmerge.yaml"
+MODEL_CARD_FILE = "README.md"
+SIDECAR_DIR = "channelmerge"
+NORMS_FILE = f"{SIDECAR_DIR}/norms.safetensors"
+REPORT_FILE = f"{SIDECAR_DIR}/report.json"
+ROUTER_DIR = "router"
+
+GROUP_INDEX_SUFFIX = ".group_index"  # never ".g_idx": vLLM's loaders drop that suffix
+GROUP_INDEX_DTYPE = "int32"
+
+# Model name reserved for the router; never a valid expert name.
+AUTO_MODEL_NAME = "auto"
+RESERVED_NAMES = frozenset({AUTO_MODEL_NAME})
+_EXPERT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Base architecture -> the plugin's wrapper class written into config.json.
+WRAPPER_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "ChannelMergedLlamaForCausalLM",
+    "MistralForCausalLM": "ChannelMergedMistralForCausalLM",
+    "Qwen2ForCausalLM": "ChannelMergedQwen2ForCausalLM",
+}
+BASE_ARCHITECTURES: dict[str, str] = {v: k for k, v in WRAPPER_ARCHITECTURES.items()}
+
+# Modules whose weights are channel-merged (stored [K, out, in] + group_index).
+CHANNEL_MODULE_SUFFIXES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "embed_tokens", "lm_head",
+)
+# vLLM fuses these along `out`; constituents must share K.
+FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+class FormatError(ValueError):
+    """A checkpoint does not follow format v1. The message names the file, tensor or field."""
+
+
+def validate_expert_name(name: object, where: str = "experts") -> str:
+    """Expert names become OpenAI model names: letters, digits and `-_.`, not reserved."""
+    if not isinstance(name, str) or not _EXPERT_NAME_RE.match(name):
+        raise FormatError(
+            f"{where}: invalid expert name {name!r}: use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    if name in RESERVED_NAMES:
+        raise FormatError(f"{where}: expert name {name!r} is reserved (used by the router)")
+    return name
+
+
+def validate_expert_names(names: list[str], where: str = "experts") -> list[str]:
+    seen: set[str] = set()
+    for n in names:
+        validate_expert_name(n, where)
+        if n in seen:
+            raise FormatError(f"{where}: duplicate expert name {n!r}")
+        seen.add(n)
+    if not names:
+        raise FormatError(f"{where}: at least one expert is required")
+    return list(names)
+
+
+def module_of(tensor_name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj`."""
+    return tensor_name.rsplit(".", 1)[0]
+
+
+def is_channel_tensor(tensor_name: str) -> bool:
+    """Whether a base-model tensor is channel-merged (its weight or bias)."""
+    if not tensor_name.endswith((".weight", ".bias")):
+        return False
+    return module_of(tensor_name).rsplit(".", 1)[-1] in CHANNEL_MODULE_SUFFIXES
+
+
+def group_index_name(tensor_name: str) -> str:
+    """`X.weight` (or `X.bias`, or the module `X`) -> `X.group_index`."""
+    mod = module_of(tensor_name) if tensor_name.endswith((".weight", ".bias")) else tensor_name
+    return mod + GROUP_INDEX_SUFFIX
+
+
+def fused_constituents(module_prefix: str) -> list[str]:
+    """HF module names behind a (possibly vLLM-fused) module prefix.
+
+    `model.layers.0.self_attn.qkv_proj` -> [... q_proj, ... k_proj, ... v_proj];
+    a non-fused prefix maps to itself.
+    """
+    head, _, last = module_prefix.rpartition(".")
+    parts = FUSED_MODULES.get(last)
+    if parts is None:
+        return [module_prefix]
+    return [f"{head}.{p}" if head else p for p in parts]
+
+
+@dataclass
+class ChannelMergedConfig:
+    """The `quantization_config` block of config.json."""
+
+    experts: list[str]
+    num_groups: int
+    format_version: int = FORMAT_VERSION
+    quant_method: str = QUANT_METHOD
+    method: str = "average"
+    similarity: str = "cosine"
+    base_architecture: str = "LlamaForCausalLM"
+    folded_norms: list[str] = field(default_factory=list)
+    # Per-module K where it differs from num_groups, keyed by HF module name.
+    num_groups_overrides: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_id(self, name: str) -> int:
+        try:
+            return self.experts.index(name)
+        except ValueError:
+            raise FormatError(f"unknown expert {name!r}; valid names: {', '.join(self.experts)}") from None
+
+    def groups_for(self, module_prefix: str) -> int:
+        """K of a module, accepting vLLM's fused names (constituents must agree)."""
+        ks = {self.num_groups_overrides.get(m, self.num_groups) for m in fused_constituents(module_prefix)}
+        if len(ks) != 1:
+            raise FormatError(
+                f"quantization_config.num_groups_overrides: fused module {module_prefix!r} has "
+                f"constituents with different K {sorted(ks)}; q/k/v and gate/up must share K"
+            )
+        return ks.pop()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = CONFIG_FILE) -> "ChannelMergedConfig":
+        where = f"{source}: quantization_config"
+        if not isinstance(d, Mapping):
+            raise FormatError(f"{where} must be an object")
+        if d.get("quant_method") != QUANT_METHOD:
+            raise FormatError(f"{where}.quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
+        ver = d.get("format_version")
+        if ver != FORMAT_VERSION:
+            raise FormatError(
+                f"{where}.format_version is {ver!r}; this build reads format_version {FORMAT_VERSION}"
+            )
+        experts = d.get("experts")
+        if not isinstance(experts, list):
+            raise FormatError(f"{where}.experts must be a list of names")
+        try:
+            validate_expert_names(experts, f"{where}.experts")
+        except FormatError as e:
+            raise FormatError(str(e)) from None
+        k = d.get("num_groups")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= len(experts):
+            raise FormatError(f"{where}.num_groups is {k!r}; expected an integer in [1, {len(experts)}]")
+        overrides = d.get("num_groups_overrides") or {}
+        for name, kk in overrides.items():
+            if not isinstance(kk, int) or not 1 <= kk <= len(experts):
+                raise FormatError(f"{where}.num_groups_overrides[{name!r}] is {kk!r}; expected 1..{len(experts)}")
+        known = {f.name for f in cls.__dataclass_fields__.values()}  # type: ignore[attr-defined]
+        return cls(**{k_: v for k_, v in d.items() if k_ in known})
+
+
+def read_quant_config(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> ChannelMergedConfig:
+    """Parse the channel-merged block of a config.json dict."""
+    qc = hf_config.get("quantization_config")
+    if qc is None:
+        raise FormatError(f"{source}: no quantization_config; not a channel-merged checkpoint")
+    return ChannelMergedConfig.from_dict(qc, source)
+
+
+def expected_shapes(
+    tensor_name: str, base_shape: tuple[int, ...], num_groups: int, num_experts: int
+) -> dict[str, tuple[int, ...]]:
+    """Stored tensor names and shapes for one base tensor (the plugin validates against this)."""
+    if not is_channel_tensor(tensor_name):
+        return {tensor_name: tuple(base_shape)}
+    out = {tensor_name: (num_groups, *base_shape)}
+    if tensor_name.endswith(".weight"):
+        out[group_index_name(tensor_name)] = (num_experts, base_shape[0])
+    return out
