@@ -211,3 +211,21 @@ def expected_shapes(
     if tensor_name.endswith(".weight"):
         out[group_index_name(tensor_name)] = (num_experts, base_shape[0])
     return out
+
+
+def norm_sidecar_key(expert: str, tensor_name: str) -> str:
+    """Key in NORMS_FILE of one expert's original (folded) norm weight."""
+    return f"{expert}/{tensor_name}"
+
+
+def stored_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Parameters stored in a checkpoint, not counting group indices (from index shapes)."""
+    total = 0
+    for name, shape in shapes.items():
+        if name.endswith(GROUP_INDEX_SUFFIX):
+            continue
+        n = 1
+        for s in shape:
+            n *= int(s)
+        total += n
+    return total

@@ -1,0 +1,251 @@
+"""The merge configuration (`merge.yaml`): pydantic models and a loader with clear errors.
+
+mergekit users should feel at home: `base_model`, a list of `experts` (`name` + `model`),
+a `method` with its `parameters`. Every validation error names the file, the field and the
+allowed values, because a merge that fails after minutes on a typo is the worst outcome.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vllm_channelmerge import format as fmt
+
+METHODS = ("average", "task_arithmetic", "ties", "dare")
+SIMILARITIES = ("cosine", "euclidean")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6,
+               "G": 10**9, "T": 10**12}
+
+
+class ConfigError(ValueError):
+    """A merge config is invalid. The message names the file and the field."""
+
+
+def parse_size(value: int | str) -> int:
+    """`"2GB"`, `"500MiB"` or an int of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 2GB, 500MB or a number of bytes")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("size must be positive")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size; use e.g. 2GB, 500MB, 1GiB or a number of bytes")
+    size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ValueError("size must be positive")
+    return size
+
+
+class ExpertSpec(BaseModel):
+    """One fine-tuned expert: its public (OpenAI model) name and its HF folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    model: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return fmt.validate_expert_name(v, "name")
+        except fmt.FormatError as e:
+            raise ValueError(str(e).removeprefix("name: ")) from None
+
+
+class MethodParams(BaseModel):
+    """Parameters of the in-group merge method (unused ones are ignored by a method)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scale: float = Field(1.0, description="lambda: task vectors are summed and scaled by it "
+                                          "(task_arithmetic, ties, dare)")
+    density: float = Field(0.5, description="fraction of each task vector kept (ties, dare)")
+    seed: int = Field(0, description="seed of DARE's random drop mask")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lambda" in data:
+            data = dict(data)
+            if "scale" in data:
+                raise ValueError("give either 'scale' or its alias 'lambda', not both")
+            data["scale"] = data.pop("lambda")
+        return data
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("density must be in (0, 1]")
+        return v
+
+
+class MergeConfig(BaseModel):
+    """Everything a merge needs; written back into the checkpoint as `channelmerge.yaml`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str
+    experts: list[ExpertSpec]
+    num_groups: int = Field(description="K: groups per channel, 1 <= K <= number of experts")
+    num_groups_overrides: dict[str, int] = Field(
+        default_factory=dict,
+        description="glob pattern on tensor or module name -> K for the matching tensors")
+    similarity: Literal["cosine", "euclidean"] = "cosine"
+    method: Literal["average", "task_arithmetic", "ties", "dare"] = "average"
+    parameters: MethodParams = Field(default_factory=MethodParams)
+    fold_norms: bool = True
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_shard_size: int | str = "5GB"
+    allow_pickle_weights: bool = Field(
+        False, description="load pytorch_model*.bin with torch.load(weights_only=True)")
+    block_rows: int = Field(4096, description="output channels processed at once (memory bound)")
+    kmeans_threshold: int = Field(
+        4096, description="enumerate partitions exactly when there are at most this many")
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v: list[ExpertSpec]) -> list[ExpertSpec]:
+        if not v:
+            raise ValueError("at least one expert is required")
+        seen: set[str] = set()
+        for e in v:
+            if e.name in seen:
+                raise ValueError(f"duplicate expert name {e.name!r}; names must be unique")
+            seen.add(e.name)
+        return v
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard(cls, v: int | str) -> int | str:
+        parse_size(v)
+        return v
+
+    @field_validator("block_rows", "kmeans_threshold")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _groups(self) -> "MergeConfig":
+        n = len(self.experts)
+        if isinstance(self.num_groups, bool) or not 1 <= self.num_groups <= n:
+            raise ValueError(f"num_groups is {self.num_groups}; it must be between 1 and the "
+                             f"number of experts ({n})")
+        for pat, k in self.num_groups_overrides.items():
+            if isinstance(k, bool) or not 1 <= k <= n:
+                raise ValueError(f"num_groups_overrides[{pat!r}] is {k}; it must be between 1 and "
+                                 f"the number of experts ({n})")
+        return self
+
+    # -- derived -----------------------------------------------------------------------------
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    def is_selected(self, tensor_name: str) -> bool:
+        """Whether a channel tensor is channel-merged with its K (else stored with K=1)."""
+        inc = any(_match(p, tensor_name) for p in self.include)
+        exc = any(_match(p, tensor_name) for p in self.exclude)
+        return inc and not exc
+
+    def groups_for_tensor(self, tensor_name: str) -> int:
+        """K of one channel tensor: excluded -> 1; else the last matching override, else K."""
+        if not self.is_selected(tensor_name):
+            return 1
+        k = self.num_groups
+        for pat, kk in self.num_groups_overrides.items():
+            if _match(pat, tensor_name):
+                k = kk
+        return k
+
+    def resolved(self, base_dir: Path) -> "MergeConfig":
+        """A copy whose relative model paths are resolved against `base_dir`."""
+        def res(p: str) -> str:
+            pp = Path(p).expanduser()
+            return str(pp if pp.is_absolute() else (base_dir / pp).resolve())
+        return self.model_copy(update={
+            "base_model": res(self.base_model),
+            "experts": [ExpertSpec(name=e.name, model=res(e.model)) for e in self.experts],
+        })
+
+
+def _match(pattern: str, tensor_name: str) -> bool:
+    """Glob match on the tensor name or its module name (`X.weight` -> `X`)."""
+    return fnmatch.fnmatchcase(tensor_name, pattern) or fnmatch.fnmatchcase(fmt.module_of(tensor_name), pattern)
+
+
+_ALLOWED = {
+    "similarity": SIMILARITIES,
+    "method": METHODS,
+    "dtype": DTYPES,
+}
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error":
+            allowed = _ALLOWED.get(str(e["loc"][-1]))
+            if allowed:
+                msg = f"got {e.get('input')!r}; allowed values: {', '.join(allowed)}"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+            if len(e["loc"]) == 1:
+                msg += f"; allowed fields: {', '.join(MergeConfig.model_fields)}"
+            elif e["loc"][0] == "parameters":
+                msg += f"; allowed fields: {', '.join(MethodParams.model_fields)} (or lambda)"
+            elif e["loc"][0] == "experts":
+                msg += "; allowed fields: name, model"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<merge config>") -> MergeConfig:
+    """Validate a dict into a MergeConfig; ConfigError naming `source` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the merge config must be a mapping (YAML object)")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read `merge.yaml`; relative model paths are resolved against the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: merge config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_config(data, str(p)).resolved(p.parent.resolve())
+
+
+def dump_config(cfg: MergeConfig) -> str:
+    """YAML text of a config (what is written as `channelmerge.yaml`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

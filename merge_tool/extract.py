@@ -1,0 +1,138 @@
+"""Extract one expert of a channel-merged checkpoint as a plain dense HF checkpoint.
+
+The result loads in stock `transformers` and stock vLLM: each channel's row is looked up in
+the expert's group, folded norms are unfolded back (divide the columns by the expert's
+original norm weight, kept in the sidecar) where that is exact (no zero in the norm), the
+original architecture is restored and `quantization_config` dropped. It is what the merged
+checkpoint computes for that expert, so it is the reference for the runtime's tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from merge_tool import fold as foldmod
+from merge_tool.io import (InputError, ModelReader, PlannedTensor, StreamingShardWriter,
+                           copy_tokenizer_files, fsync_dir)
+from merge_tool.merge import _replace_dir
+from vllm_channelmerge import format as fmt
+
+log = logging.getLogger(__name__)
+
+
+def _read_report(d: Path) -> dict[str, Any]:
+    p = d / fmt.REPORT_FILE
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise fmt.FormatError(f"{p}: not valid JSON: {e}") from None
+
+
+def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force: bool = False,
+                   unfold_norms: bool = True, max_shard_size: int = 5 * 10**9) -> Path:
+    """Write expert `name` of `merged_dir` as a dense HF checkpoint at `out_dir`; returns it.
+
+    Refuses an existing `out_dir` unless `force`; leaves nothing behind on error.
+    """
+    src = Path(merged_dir)
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    reader = ModelReader(src, "merged checkpoint")
+    qc = fmt.read_quant_config(reader.config, str(src / fmt.CONFIG_FILE))
+    e = qc.expert_id(name)
+    report = _read_report(src)
+    folded = list(qc.folded_norms)
+    norms: dict[str, torch.Tensor] = {}
+    if folded:
+        nf = src / fmt.NORMS_FILE
+        if not nf.exists():
+            raise fmt.FormatError(f"{nf}: missing; it holds the folded norms needed to extract an expert")
+        from safetensors.torch import load_file
+        side = load_file(str(nf))
+        for nn in folded:
+            key = fmt.norm_sidecar_key(name, nn)
+            if key not in side:
+                raise fmt.FormatError(f"{nf}: tensor {key!r} is missing")
+            norms[nn] = side[key]
+    # Which weight has which norm folded into it (recorded by the merge; recomputed if absent).
+    targets: dict[str, str] = report.get("fold_targets") or foldmod.plan_folding(
+        qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)],
+        bool(report.get("tie_word_embeddings", False)), True).targets
+    targets = {t: n for t, n in targets.items() if n in folded}
+    unfold_ok = {nn: unfold_norms and foldmod.can_unfold(g) for nn, g in norms.items()}
+    for nn, ok in unfold_ok.items():
+        if unfold_norms and not ok:
+            log.warning("%s of %s has zeros: kept folded (norm stored as ones)", nn, name)
+
+    names = [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)]
+    planned = []
+    for n in names:
+        shape = reader.shape(n)
+        if fmt.is_channel_tensor(n) and reader.has(fmt.group_index_name(n)):
+            shape = shape[1:]
+        planned.append(PlannedTensor(n, reader.dtype(n), tuple(shape)))
+
+    cfg = dict(reader.config)
+    cfg.pop("quantization_config", None)
+    cfg["architectures"] = [qc.base_architecture]
+    was_tied = bool(report.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+    retie = was_tied and foldmod.FINAL_NORM not in folded and foldmod.LM_HEAD in names
+    if retie:
+        planned = [p for p in planned if p.name != foldmod.LM_HEAD]
+    cfg["tie_word_embeddings"] = was_tied and foldmod.FINAL_NORM not in folded
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer: Optional[StreamingShardWriter] = None
+    try:
+        writer = StreamingShardWriter(tmp, planned, max_shard_size)
+        for p in planned:
+            writer.write(p.name, _dense(reader, p.name, e, targets, norms, unfold_ok))
+        writer.close()
+        (tmp / fmt.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        copy_tokenizer_files(src, tmp)
+        (tmp / fmt.MODEL_CARD_FILE).write_text(
+            f"# Expert `{name}`\n\nExtracted with `channelmerge extract` from the channel-merged "
+            f"checkpoint `{src}` (K={qc.num_groups}, method `{qc.method}`). A plain "
+            f"`{qc.base_architecture}` checkpoint.\n")
+        fsync_dir(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+    return out
+
+
+def _dense(reader: ModelReader, n: str, e: int, targets: dict[str, str], norms: dict[str, torch.Tensor],
+           unfold_ok: dict[str, bool]) -> torch.Tensor:
+    """One tensor of expert `e`: group lookup per channel, then unfold / restore norms."""
+    t = reader.get(n)
+    gi_name = fmt.group_index_name(n)
+    if fmt.is_channel_tensor(n) and reader.has(gi_name):
+        idx = reader.get(gi_name)
+        if idx.shape[0] <= e or idx.shape[1] != t.shape[1]:
+            raise fmt.FormatError(f"{reader.file_of(gi_name)}: {gi_name} has shape {list(idx.shape)}, "
+                                  f"inconsistent with {n} {list(t.shape)}")
+        row = idx[e].long()
+        if bool((row < 0).any()) or bool((row >= t.shape[0]).any()):
+            raise fmt.FormatError(f"{reader.file_of(gi_name)}: {gi_name} has values outside [0, {t.shape[0]})")
+        t = t[row, torch.arange(t.shape[1])]
+    if n in targets and unfold_ok.get(targets[n]) and n.endswith(".weight"):
+        t = foldmod.unfold(t.float(), norms[targets[n]].float()).to(t.dtype)
+    elif n in norms and unfold_ok.get(n):
+        t = norms[n].to(t.dtype)
+    return t.contiguous()

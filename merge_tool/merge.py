@@ -1,0 +1,475 @@
+"""The merge: base + N experts -> one channel-merged checkpoint (DESIGN §2, format v1 §3).
+
+Streaming: one tensor of the base and of every expert is in memory at a time; its output
+channels are processed in row blocks (cluster, merge inside groups, cast, measure), and
+the result goes straight into a pre-planned safetensors shard. Everything is written into a
+temporary folder beside the target and renamed at the end, so a failed or interrupted
+merge leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+from merge_tool import clustering, fold as foldmod, methods
+from merge_tool.config import ConfigError, MergeConfig, dump_config
+from merge_tool.io import (InputError, ModelReader, PlannedTensor, StreamingShardWriter,
+                           check_compatible, copy_tokenizer_files, fsync_dir)
+from vllm_channelmerge import format as fmt
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BLOCK_ELEMS = 1 << 22  # per expert per block: bounds the float32 temporaries
+
+
+@dataclass
+class Job:
+    """One base tensor (and its bias) to produce."""
+
+    kind: str  # "channel" | "plain" | "ones"
+    name: str  # output weight name
+    source: str  # input tensor name (lm_head may come from the tied embedding)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    k: int = 1
+    bias: Optional[str] = None
+    norm: Optional[str] = None  # norm folded into this weight's columns
+
+
+@dataclass
+class MergeStats:
+    """Per-tensor numbers for the report and the model card."""
+
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _out_dtype(cfg: MergeConfig, in_dtype: torch.dtype) -> torch.dtype:
+    if cfg.dtype != "auto" and in_dtype.is_floating_point:
+        return _DTYPES[cfg.dtype]
+    return in_dtype
+
+
+def plan_jobs(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan) -> list[Job]:
+    """Decide, for every base tensor, how it is produced; validates fused modules share K."""
+    jobs: list[Job] = []
+    names = base.names
+    name_set = set(names)
+    for t in names:
+        shape, dt = base.shape(t), _out_dtype(cfg, base.dtype(t))
+        if fmt.is_channel_tensor(t):
+            if t.endswith(".bias"):
+                if fmt.module_of(t) + ".weight" in name_set:
+                    continue  # merged with its weight: part of the channel
+                jobs.append(Job("plain", t, t, shape, dt))
+                continue
+            if len(shape) != 2:
+                raise InputError(f"{base.file_of(t)}: channel tensor {t!r} has shape {list(shape)}; expected 2-D")
+            bias = fmt.module_of(t) + ".bias"
+            jobs.append(Job("channel", t, t, shape, dt, cfg.groups_for_tensor(t),
+                            bias if bias in name_set else None, fp.targets.get(t)))
+        elif t in fp.folded_norms:
+            jobs.append(Job("ones", t, t, shape, dt))
+        else:
+            jobs.append(Job("plain", t, t, shape, dt))
+    if fp.synth_lm_head:
+        emb = foldmod.EMBED
+        jobs.append(Job("channel", foldmod.LM_HEAD, emb, base.shape(emb), _out_dtype(cfg, base.dtype(emb)),
+                        cfg.groups_for_tensor(foldmod.LM_HEAD), None, fp.targets.get(foldmod.LM_HEAD)))
+    # q/k/v and gate/up are fused by vLLM along `out`: they must share K.
+    ks = {fmt.module_of(j.name): j.k for j in jobs if j.kind == "channel"}
+    for fused, parts in fmt.FUSED_MODULES.items():
+        for mod, k in ks.items():
+            head, _, last = mod.rpartition(".")
+            if last != parts[0]:
+                continue
+            fam = {f"{head}.{p}": ks.get(f"{head}.{p}") for p in parts}
+            if len({v for v in fam.values() if v is not None}) > 1:
+                raise ConfigError(
+                    f"num_groups_overrides/include/exclude give the fused module {head}.{fused} different "
+                    f"K: {', '.join(f'{m}={v}' for m, v in fam.items())}; q/k/v and gate/up must share K")
+    return jobs
+
+
+def _planned_outputs(jobs: list[Job], n: int) -> list[PlannedTensor]:
+    out = []
+    for j in jobs:
+        if j.kind == "channel":
+            out.append(PlannedTensor(j.name, j.dtype, (j.k, *j.shape)))
+            if j.bias:
+                out.append(PlannedTensor(j.bias, j.dtype, (j.k, j.shape[0])))
+            out.append(PlannedTensor(fmt.group_index_name(j.name), torch.int32, (n, j.shape[0])))
+        else:
+            out.append(PlannedTensor(j.name, j.dtype, j.shape))
+    return out
+
+
+class _Merger:
+    """Holds the readers, norms and method for the duration of one merge."""
+
+    def __init__(self, cfg: MergeConfig, base: ModelReader, experts: list[ModelReader],
+                 device: torch.device, fp: foldmod.FoldPlan) -> None:
+        self.cfg = cfg
+        self.base = base
+        self.experts = experts
+        self.names = cfg.expert_names
+        self.dev = device
+        self.method = methods.get_method(cfg.method)
+        self.params = cfg.parameters
+        self.norms: dict[str, list[torch.Tensor]] = {}  # norm -> [base, expert...] float32
+        for nname in set(fp.targets.values()):
+            self.norms[nname] = [r.get(nname).to(device, torch.float32) for r in [base, *experts]]
+
+    def _rows(self, t: torch.Tensor, r0: int, r1: int, norm: Optional[torch.Tensor]) -> torch.Tensor:
+        x = t[r0:r1].to(self.dev, torch.float32)
+        return foldmod.fold(x, norm) if norm is not None else x
+
+    def _thresholds(self, base_t: torch.Tensor, ex_t: list[torch.Tensor], norms: Optional[list[torch.Tensor]],
+                    is_vec: bool = False) -> list[float]:
+        """TIES: per-expert magnitude threshold over the whole (folded) task vector."""
+        out = []
+        d = self.params.density
+        for i, w in enumerate(ex_t):
+            if is_vec:
+                delta = w.to(self.dev, torch.float32) - base_t.to(self.dev, torch.float32)
+            else:
+                nb = norms[0] if norms else None
+                ne = norms[i + 1] if norms else None
+                delta = self._rows(w, 0, w.shape[0], ne) - self._rows(base_t, 0, base_t.shape[0], nb)
+            out.append(methods.magnitude_threshold(delta, d))
+            del delta
+        return out
+
+    def _sparsify(self, d: torch.Tensor, key_name: str, thresholds: list[float], flat0: int,
+                  row_len: int) -> torch.Tensor:
+        """Apply the method's whole-tensor sparsification to a block [N, R, I] of `key_name`."""
+        sp = self.method.sparsify
+        if sp is None:
+            return d
+        dens = self.params.density
+        if sp == "magnitude":
+            return torch.stack([methods.trim(d[n], thresholds[n], dens) for n in range(d.shape[0])])
+        r, i = d.shape[1], d.shape[2]
+        rows = torch.arange(r, device=d.device, dtype=torch.int64).unsqueeze(1) * row_len
+        flat = flat0 + rows + torch.arange(i, device=d.device, dtype=torch.int64).unsqueeze(0)
+        return torch.stack([
+            methods.dare_drop(d[n], methods.dare_key(self.params.seed, key_name, n), flat, dens)
+            for n in range(d.shape[0])])
+
+    # -- one channel tensor ----------------------------------------------------------------
+
+    def channel(self, job: Job, writer: StreamingShardWriter, stats: MergeStats) -> None:
+        n_exp = len(self.experts)
+        out_rows, in_dim = job.shape
+        bt = self.base.get(job.source)
+        ets = [r.get(job.source) for r in self.experts]
+        bb = self.base.get(job.bias) if job.bias else None
+        ebs = [r.get(job.bias) for r in self.experts] if job.bias else None
+        norms = self.norms[job.norm] if job.norm else None
+        thr_w = thr_b = []
+        if self.method.sparsify == "magnitude":
+            thr_w = self._thresholds(bt, ets, norms)
+            if job.bias:
+                thr_b = self._thresholds(bb, ebs, None, is_vec=True)
+        k = job.k
+        g_out = torch.empty((k, out_rows, in_dim), dtype=job.dtype)
+        b_out = torch.empty((k, out_rows), dtype=job.dtype) if job.bias else None
+        idx_out = torch.empty((n_exp, out_rows), dtype=torch.int32)
+        err = torch.zeros(n_exp, dtype=torch.float64)
+        dnorm = torch.zeros(n_exp, dtype=torch.float64)
+        wnorm = torch.zeros(n_exp, dtype=torch.float64)
+        outside = torch.zeros(n_exp, dtype=torch.float64)
+        step = max(1, min(self.cfg.block_rows, _BLOCK_ELEMS // max(1, in_dim)))
+        for r0 in range(0, out_rows, step):
+            r1 = min(out_rows, r0 + step)
+            base_rows = self._rows(bt, r0, r1, norms[0] if norms else None)
+            w = torch.stack([self._rows(e, r0, r1, norms[i + 1] if norms else None) for i, e in enumerate(ets)])
+            if job.bias:
+                base_rows = torch.cat([base_rows, bb[r0:r1].to(self.dev, torch.float32).unsqueeze(1)], 1)
+                w = torch.cat([w, torch.stack([e[r0:r1].to(self.dev, torch.float32) for e in ebs]).unsqueeze(2)], 2)
+            d = w - base_rows.unsqueeze(0)
+            assign = clustering.partition_channels(d, k, self.cfg.similarity, self.cfg.kmeans_threshold)  # [R, N]
+            if self.method.sparsify is None:
+                ds = d
+            else:
+                ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
+                if job.bias:
+                    dsb = self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)
+                    ds = torch.cat([ds, dsb], 2)
+            g = self._combine(ds, base_rows, w, assign, k)
+            gc = g.to(job.dtype)
+            # Measure what the runtime will see: the stored (rounded) group rows.
+            rec = gc.to(torch.float32)[assign.t(), torch.arange(r1 - r0, device=self.dev).unsqueeze(0)]
+            err += ((rec - w) ** 2).sum((1, 2)).double().cpu()
+            dnorm += (d ** 2).sum((1, 2)).double().cpu()
+            wnorm += (w ** 2).sum((1, 2)).double().cpu()
+            outside += (assign != 0).sum(0).double().cpu()
+            gc = gc.cpu()
+            g_out[:, r0:r1] = gc[:, :, :in_dim]
+            if b_out is not None:
+                b_out[:, r0:r1] = gc[:, :, in_dim]
+            idx_out[:, r0:r1] = assign.t().to(torch.int32).cpu()
+        del bt, ets, bb, ebs
+        writer.write(job.name, g_out)
+        if job.bias and b_out is not None:
+            writer.write(job.bias, b_out)
+        writer.write(fmt.group_index_name(job.name), idx_out)
+        stats.tensors[job.name] = {
+            "kind": "channel", "shape": [out_rows, in_dim], "num_groups": k,
+            "bias": job.bias is not None, "folded_norm": job.norm, "source": job.source,
+            "channel_merged": self.cfg.is_selected(job.name),
+            "rel_error": dict(zip(self.names, _rel(err, dnorm))),
+            "weight_rel_error": dict(zip(self.names, _rel(err, wnorm))),
+            "outside_group0": dict(zip(self.names, (outside / out_rows).tolist())),
+        }
+
+    def _combine(self, ds: torch.Tensor, base_rows: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
+                 k: int) -> torch.Tensor:
+        """Group rows [K, R, I]: base + merged delta; one-member groups keep their expert exactly."""
+        r = assign.shape[0]
+        sizes = torch.nn.functional.one_hot(assign, k).sum(1)  # [R, K]
+        g = torch.empty((k, *base_rows.shape), dtype=torch.float32, device=self.dev)
+        for gi in range(k):
+            g[gi] = base_rows + self.method.combine(ds, assign == gi, self.params)
+        empty = sizes == 0
+        if bool(empty.any()):  # fewer than K groups in some channels: never looked up; copy group 0
+            for gi in range(1, k):
+                rows = empty[:, gi]
+                g[gi, rows] = g[0, rows]
+        single = sizes.gather(1, assign) == 1  # [R, N]
+        if bool(single.any()):
+            rr, nn = single.nonzero(as_tuple=True)
+            g[assign[rr, nn], rr] = w[nn, rr]
+        del r
+        return g
+
+    # -- other tensors ---------------------------------------------------------------------
+
+    def plain(self, job: Job, writer: StreamingShardWriter, stats: MergeStats) -> None:
+        """Not channel-merged: merged across all experts with the method (K=1, no index)."""
+        bt = self.base.get(job.source)
+        ets = [r.get(job.source) for r in self.experts]
+        if not bt.is_floating_point():
+            writer.write(job.name, bt)
+            stats.tensors[job.name] = {"kind": "copied", "shape": list(bt.shape)}
+            return
+        b = bt.to(self.dev, torch.float32).reshape(1, -1)
+        w = torch.stack([e.to(self.dev, torch.float32).reshape(1, -1) for e in ets])
+        d = w - b.unsqueeze(0)
+        thr = self._thresholds(bt, ets, None, is_vec=True) if self.method.sparsify == "magnitude" else []
+        ds = self._sparsify(d, job.name, thr, 0, d.shape[2])
+        assign = torch.zeros((1, len(ets)), dtype=torch.int64, device=self.dev)
+        g = self._combine(ds, b, w, assign, 1)[0]
+        gc = g.to(job.dtype)
+        err = ((gc.float().unsqueeze(0) - w) ** 2).sum((1, 2)).double().cpu()
+        dn = (d ** 2).sum((1, 2)).double().cpu()
+        writer.write(job.name, gc.reshape(bt.shape).cpu())
+        stats.tensors[job.name] = {"kind": "merged", "shape": list(bt.shape),
+                                   "norm": foldmod.is_norm(job.name),
+                                   "rel_error": dict(zip(self.names, _rel(err, dn)))}
+
+    def ones(self, job: Job, writer: StreamingShardWriter, stats: MergeStats) -> None:
+        """A folded norm: stored as ones (its per-expert values live in the folded weights)."""
+        writer.write(job.name, torch.ones(job.shape, dtype=job.dtype))
+        stats.tensors[job.name] = {"kind": "folded_norm", "shape": list(job.shape)}
+
+
+def _rel(err: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    out = []
+    for e, r in zip(err.tolist(), ref.tolist()):
+        out.append(0.0 if e == 0 else (math.sqrt(e / r) if r > 0 else float("inf")))
+    return out
+
+
+def _base_params(base: ModelReader) -> int:
+    return sum(math.prod(base.shape(t)) for t in base.names)
+
+
+def _config_json(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan, jobs: list[Job]) -> dict[str, Any]:
+    arch = base.architecture
+    wrapper = fmt.WRAPPER_ARCHITECTURES.get(arch)
+    if wrapper is None:
+        wrapper = "ChannelMerged" + arch
+        log.warning("architecture %s has no channelmerge runtime wrapper; writing %s anyway", arch, wrapper)
+    overrides = {fmt.module_of(j.name): j.k for j in jobs if j.kind == "channel" and j.k != cfg.num_groups}
+    qc = fmt.ChannelMergedConfig(
+        experts=cfg.expert_names, num_groups=cfg.num_groups, method=cfg.method,
+        similarity=cfg.similarity, base_architecture=arch, folded_norms=list(fp.folded_norms),
+        num_groups_overrides=overrides)
+    c = dict(base.config)
+    c["architectures"] = [wrapper]
+    c["quantization_config"] = qc.to_dict()
+    if fp.untie_lm_head:
+        c["tie_word_embeddings"] = False
+    if cfg.dtype != "auto":
+        for key in ("torch_dtype", "dtype"):
+            if key in c or key == "torch_dtype":
+                c[key] = cfg.dtype
+    return c
+
+
+def _model_card(cfg: MergeConfig, report: dict[str, Any]) -> str:
+    p = report["params"]
+    lines = [
+        "---", "library_name: vllm", "tags: [channelmerge, merge]", "---", "",
+        f"# Channel-merged checkpoint ({len(cfg.experts)} experts)", "",
+        "Made with `channelmerge merge` (Channel Merging, Zhang et al., AAAI 2025). Serve it with "
+        "`vllm serve` (with the channelmerge plugin installed) or `channelmerge serve`; pick an "
+        "expert by its OpenAI model name.", "",
+        f"- Base architecture: `{report['architecture']}`",
+        f"- Groups per channel (K): {cfg.num_groups}" + (
+            f" (per-tensor overrides: {json.dumps(cfg.num_groups_overrides)})" if cfg.num_groups_overrides else ""),
+        f"- In-group method: `{cfg.method}` {cfg.parameters.model_dump() if cfg.method != 'average' else ''}",
+        f"- Similarity: {cfg.similarity}",
+        f"- Parameters stored: {p['stored']:,} = {p['ratio']:.3f} of the ensemble ({p['ensemble']:,})",
+        f"- Norms folded into linear layers: {len(report['folded_norms'])}; merged across experts: "
+        f"{len(report['merged_norms'])}" + (" (lm_head untied by folding)" if report["lm_head_untied"] else ""),
+        "", "## Experts", "", "| name | source | mean rel. error | channels outside group 0 |",
+        "|---|---|---|---|",
+    ]
+    ch = [t for t in report["tensors"].values() if t["kind"] == "channel"]
+    for e in cfg.experts:
+        errs = [t["rel_error"][e.name] for t in ch]
+        out = [t["outside_group0"][e.name] for t in ch]
+        me = sum(errs) / len(errs) if errs else 0.0
+        mo = sum(out) / len(out) if out else 0.0
+        lines.append(f"| `{e.name}` | `{e.model}` | {me:.4f} | {mo:.1%} |")
+    lines += ["", "## Per-layer reconstruction error", "",
+              "Relative error of each expert's weights, ||stored - expert|| / ||expert - base||, "
+              "mean over the layer's channel-merged tensors.", "",
+              "| layer | " + " | ".join(cfg.expert_names) + " |", "|---" * (len(cfg.experts) + 1) + "|"]
+    for layer, errs in _per_layer(report).items():
+        lines.append(f"| {layer} | " + " | ".join(f"{errs[n]:.4f}" for n in cfg.expert_names) + " |")
+    lines += ["", "The merge config used is `channelmerge.yaml`; per-tensor numbers are in "
+              f"`{fmt.REPORT_FILE}` (`channelmerge inspect` shows them).", ""]
+    return "\n".join(lines)
+
+
+def _per_layer(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    acc: dict[str, dict[str, list[float]]] = {}
+    for name, t in report["tensors"].items():
+        if t["kind"] != "channel":
+            continue
+        parts = name.split(".")
+        layer = ".".join(parts[:3]) if name.startswith("model.layers.") else fmt.module_of(name)
+        for e, v in t["rel_error"].items():
+            acc.setdefault(layer, {}).setdefault(e, []).append(v)
+    return {l: {e: sum(v) / len(v) for e, v in d.items()} for l, d in acc.items()}
+
+
+def _open_inputs(cfg: MergeConfig) -> tuple[ModelReader, list[ModelReader]]:
+    base = ModelReader(cfg.base_model, "base_model", cfg.allow_pickle_weights)
+    experts = [ModelReader(e.model, f"expert {e.name!r}", cfg.allow_pickle_weights) for e in cfg.experts]
+    check_compatible(base, dict(zip(cfg.expert_names, experts)))
+    return base, experts
+
+
+def run_merge(config: MergeConfig, out_dir: str | Path, force: bool = False, device: str = "cpu",
+              progress: bool = True) -> Path:
+    """Merge `config.experts` into a channel-merged checkpoint at `out_dir`; returns its path.
+
+    Refuses to overwrite an existing `out_dir` unless `force`. On any error nothing is left.
+    `device="cuda"` runs the math on the GPU (same results within float tolerance).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is available")
+    base, experts = _open_inputs(config)
+    fp = foldmod.plan_folding(base.architecture, base.names, base.tied, config.fold_norms)
+    if fp.merged_norms and config.fold_norms:
+        log.warning("norms merged across experts (not folded): %s (%s)", ", ".join(fp.merged_norms), fp.reason)
+    jobs = plan_jobs(config, base, fp)
+    planned = _planned_outputs(jobs, len(experts))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer: Optional[StreamingShardWriter] = None
+    try:
+        writer = StreamingShardWriter(tmp, planned, config.shard_bytes,
+                                      metadata={"channelmerge_format_version": str(fmt.FORMAT_VERSION)})
+        merger = _Merger(config, base, experts, dev, fp)
+        stats = MergeStats()
+        with torch.no_grad():
+            for job in tqdm(jobs, desc="merging", unit="tensor", disable=not progress):
+                getattr(merger, job.kind)(job, writer, stats)
+        writer.close()
+        _write_metadata(tmp, config, base, experts, fp, jobs, stats, planned, time.perf_counter() - t0)
+        fsync_dir(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        base.close()
+        for e in experts:
+            e.close()
+    log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
+    return out
+
+
+def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: list[ModelReader],
+                    fp: foldmod.FoldPlan, jobs: list[Job], stats: MergeStats, planned: list[PlannedTensor],
+                    seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    n = len(experts)
+    base_params = _base_params(base)
+    stored = fmt.stored_params({t.name: t.shape for t in planned})
+    report: dict[str, Any] = {
+        "format_version": fmt.FORMAT_VERSION,
+        "experts": cfg.expert_names,
+        "num_groups": cfg.num_groups,
+        "method": cfg.method,
+        "parameters": cfg.parameters.model_dump(),
+        "similarity": cfg.similarity,
+        "architecture": base.architecture,
+        "tie_word_embeddings": base.tied,
+        "lm_head_untied": fp.untie_lm_head,
+        "folded_norms": list(fp.folded_norms),
+        "fold_targets": dict(fp.targets),
+        "merged_norms": list(fp.merged_norms),
+        "fold_note": fp.reason,
+        "params": {"stored": stored, "base": base_params, "ensemble": n * base_params,
+                   "ratio": stored / (n * base_params) if base_params else 0.0},
+        "seconds": round(seconds, 3),
+        "tensors": stats.tensors,
+    }
+    (tmp / fmt.SIDECAR_DIR).mkdir(exist_ok=True)
+    # Each expert's original folded norms, so that extract can unfold them.
+    norms = {fmt.norm_sidecar_key(name, nn): r.get(nn).contiguous()
+             for nn in fp.folded_norms for name, r in zip(cfg.expert_names, experts)}
+    if norms:
+        save_file(norms, str(tmp / fmt.NORMS_FILE), metadata={"format": "pt"})
+    (tmp / fmt.REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    (tmp / fmt.CONFIG_FILE).write_text(json.dumps(_config_json(cfg, base, fp, jobs), indent=2) + "\n")
+    copy_tokenizer_files(base.path, tmp)
+    (tmp / fmt.MERGE_CONFIG_FILE).write_text(dump_config(cfg))
+    (tmp / fmt.MODEL_CARD_FILE).write_text(_model_card(cfg, report))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Atomic-ish publish: the target is either the old folder or the complete new one."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

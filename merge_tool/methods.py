@@ -1,0 +1,160 @@
+"""In-group merge methods: small pure functions over batched task vectors.
+
+A method has two steps, so that grouping never changes what a method means:
+
+1. `sparsify` acts on each expert's task vector of a *whole tensor* (TIES trims each task
+   vector to its top-`density` magnitudes; DARE drops entries at random and rescales by
+   1/density). It does not depend on the grouping, exactly as in mergekit, so K=1 is the
+   classic whole-model merge.
+2. `combine` merges, for every channel (row) at once, the rows of the experts that are in
+   one group: `deltas` is `[N, R, I]`, `members` is `[R, N]` bool, the result `[R, I]` is
+   the merged task vector of that group (added to the base by the caller).
+
+Formulas (tau_n = W_n - B, lambda = `scale`):
+- average:          mean_n tau_n                       (= plain weight averaging)
+- task_arithmetic:  lambda * sum_n tau_n               (Ilharco et al. 2023)
+- ties:             trim to top-density |tau_n| per tensor; gamma = sign(sum_n trimmed_n)
+                    (0 counts as +); disjoint mean over entries whose sign equals gamma;
+                    times lambda                       (Yadav et al. 2023; mergekit `ties`)
+- dare:             tau_n * Bernoulli(density) / density, then lambda * sum_n
+                    (Yu et al. 2024, DARE + task arithmetic; mergekit `dare_linear`
+                    without normalisation)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from merge_tool.config import MethodParams
+
+CombineFn = Callable[[torch.Tensor, torch.Tensor, MethodParams], torch.Tensor]
+
+
+def _mask(members: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, N] bool -> [N, R, 1] float, broadcastable against deltas [N, R, I]."""
+    return members.t().unsqueeze(-1).to(dtype)
+
+
+def average(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
+    """Mean of the members' task vectors (rows with no member give 0)."""
+    m = _mask(members, deltas.dtype)
+    count = m.sum(0).clamp_min(1.0)
+    return (deltas * m).sum(0) / count
+
+
+def task_arithmetic(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
+    """lambda * sum of the members' task vectors."""
+    m = _mask(members, deltas.dtype)
+    return (deltas * m).sum(0) * params.scale
+
+
+def ties(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
+    """Elect a sign per entry, then average only the (trimmed) entries that agree with it.
+
+    `deltas` must already be trimmed (see `magnitude_threshold`/`trim`).
+    """
+    m = _mask(members, deltas.dtype)
+    d = deltas * m
+    elected = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)  # ties on 0 -> +, as mergekit
+    agree = (torch.sign(d) == elected.unsqueeze(0)).to(deltas.dtype) * m  # zeros never agree
+    divisor = agree.sum(0).clamp_min(1.0)
+    return (d * agree).sum(0) / divisor * params.scale
+
+
+def dare(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
+    """lambda * sum of the members' (already dropped and rescaled) task vectors."""
+    return task_arithmetic(deltas, members, params)
+
+
+# -- sparsification (whole-tensor, per expert; independent of the grouping) -------------------
+
+def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
+    """|x| threshold keeping the top `density` fraction of one expert's task vector.
+
+    k = int(density * numel) entries are kept, as in mergekit's `magnitude` (at least 1).
+    Entries equal to the threshold are all kept (only matters for exact ties).
+    """
+    if density >= 1.0:
+        return 0.0
+    flat = delta.reshape(-1).abs().float()
+    k = max(1, int(density * flat.numel()))
+    return float(torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values)
+
+
+def trim(delta: torch.Tensor, threshold: float, density: float) -> torch.Tensor:
+    """Zero the entries below the magnitude threshold (TIES 'trim')."""
+    if density >= 1.0:
+        return delta
+    return delta * (delta.abs() >= threshold).to(delta.dtype)
+
+
+def dare_key(seed: int, tensor_name: str, expert_index: int) -> int:
+    """A 63-bit key for one (seed, tensor, expert): DARE masks are reproducible anywhere."""
+    h = hashlib.blake2b(f"{seed}/{tensor_name}/{expert_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform_hash(key: int, flat_index: torch.Tensor) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1): splitmix64(key + index). Same on CPU and CUDA, and
+    independent of how a tensor is split into blocks."""
+    z = flat_index.to(torch.int64) * _i64(0x9E3779B97F4A7C15) + _i64(key)
+    z = z + _i64(0x9E3779B97F4A7C15)
+    z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
+    z = z ^ _srl(z, 31)
+    return _srl(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+
+
+def dare_keep_mask(key: int, flat_index: torch.Tensor, density: float) -> torch.Tensor:
+    """Bernoulli(density) keep-mask of the entries at `flat_index` of one expert's tensor."""
+    return uniform_hash(key, flat_index) < density
+
+
+def dare_drop(delta: torch.Tensor, key: int, flat_index: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE: drop entries with probability 1-density, rescale the rest by 1/density."""
+    if density >= 1.0:
+        return delta
+    keep = dare_keep_mask(key, flat_index, density).to(delta.dtype)
+    return delta * keep / density
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: how to combine a group, and which sparsification it needs."""
+
+    name: str
+    combine: CombineFn
+    sparsify: Optional[str] = None  # None | "magnitude" | "random"
+
+
+METHODS: dict[str, MergeMethod] = {
+    "average": MergeMethod("average", average),
+    "task_arithmetic": MergeMethod("task_arithmetic", task_arithmetic),
+    "ties": MergeMethod("ties", ties, "magnitude"),
+    "dare": MergeMethod("dare", dare, "random"),
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(METHODS)}") from None
