@@ -1,0 +1,150 @@
+"""`channelmerge` command line: merge, inspect, extract, make-synthetic, serve.
+
+Errors a user can fix (bad config, bad input, existing output) are printed as one line
+`channelmerge: error: ...` with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("channelmerge")
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from merge_tool.config import load_config
+    from merge_tool.inspect import format_table, inspect_checkpoint
+    from merge_tool.merge import run_merge
+
+    cfg = load_config(args.config)
+    out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet)
+    info = inspect_checkpoint(out)
+    ratio = info["params_ratio"]
+    errs = [t["rel_error_mean"] for t in info["tensors"] if t["kind"] == "channel"]
+    print(f"wrote {out}: {len(info['experts'])} experts, K={info['num_groups']}, method={info['method']}, "
+          f"parameters {ratio:.3f} of the ensemble, mean relative error {sum(errs) / max(1, len(errs)):.4f}")
+    for n in info["notes"]:
+        print(f"note: {n}")
+    if args.verbose:
+        print(format_table(info))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from merge_tool.inspect import format_table, inspect_checkpoint
+
+    info = inspect_checkpoint(args.dir)
+    print(json.dumps(info, indent=1) if args.json else format_table(info))
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from merge_tool.extract import extract_expert
+
+    out = extract_expert(args.dir, args.name, args.out, force=args.force)
+    print(f"wrote {out}: dense checkpoint of expert {args.name!r}")
+    return 0
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    import yaml
+
+    from merge_tool.synthetic import make_family
+
+    root = Path(args.root)
+    if root.exists() and any(root.iterdir()) and not args.force:
+        raise FileExistsError(f"{root} exists and is not empty; pass --force to write into it")
+    base, experts = make_family(root, list(args.experts), arch=args.arch, true_groups=args.true_groups,
+                                seed=args.seed, tie_word_embeddings=args.tied)
+    cfg = {"base_model": "base", "experts": [{"name": n, "model": n} for n in experts],
+           "num_groups": min(2, len(experts)), "similarity": "cosine", "method": "average",
+           "fold_norms": True, "dtype": "auto"}
+    (root / "merge.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"wrote base and {len(experts)} experts ({args.arch}) under {root}; merge config: {root / 'merge.yaml'}")
+    return 0
+
+
+def _serve(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from vllm_channelmerge import serve
+    except ImportError as e:
+        raise RuntimeError(f"serving needs vLLM and the channelmerge plugin: {e}") from None
+    return int(serve.main([args.dir, *rest]) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="channelmerge", description=(
+        "Channel-merge N fine-tuned experts of one base model into one checkpoint, and serve it."))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tables")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("merge", help="merge experts as described by a merge.yaml")
+    m.add_argument("config", help="merge config (YAML), see docs/merge-config.md")
+    m.add_argument("out", help="output folder (must not exist unless --force)")
+    m.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(fn=_merge)
+
+    i = sub.add_parser("inspect", help="show experts, K, parameters and errors of a merged checkpoint")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(fn=_inspect)
+
+    e = sub.add_parser("extract", help="write one expert as a dense HF checkpoint")
+    e.add_argument("dir")
+    e.add_argument("name", help="expert name")
+    e.add_argument("out")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(fn=_extract)
+
+    s = sub.add_parser("make-synthetic", help="write a tiny random base + experts and a merge.yaml")
+    s.add_argument("root")
+    s.add_argument("--experts", nargs="+", default=["math", "code", "chat"])
+    s.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    s.add_argument("--true-groups", type=int, default=2)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tied", action="store_true", help="tie the embeddings")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(fn=_make_synthetic)
+
+    v = sub.add_parser("serve", help="serve a merged checkpoint with vLLM (other args go to vLLM)")
+    v.add_argument("dir")
+    v.set_defaults(fn=None)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "serve" or (len(argv) > 1 and argv[1] == "serve" and argv[0] in ("-v", "--verbose")):
+        # Everything after DIR belongs to vLLM: do not let argparse look at it.
+        pos = argv.index("serve")
+        if len(argv) <= pos + 1:
+            parser.parse_args(argv)  # prints usage and exits
+        args = parser.parse_args(argv[:pos + 2])
+        rest = argv[pos + 2:]
+    else:
+        args, rest = parser.parse_args(argv), []
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from merge_tool.config import ConfigError
+    from merge_tool.io import InputError
+    from vllm_channelmerge.format import FormatError
+
+    try:
+        if args.cmd == "serve":
+            return _serve(args, rest)
+        return int(args.fn(args))
+    except (ConfigError, InputError, FormatError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        print(f"channelmerge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

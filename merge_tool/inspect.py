@@ -1,0 +1,125 @@
+"""`channelmerge inspect`: what a channel-merged checkpoint holds, as a table or JSON.
+
+Reads only config.json, the index and the sidecar report (no weights), so it is instant on
+any size of checkpoint. Per tensor: K, mean/max relative reconstruction error over experts,
+and the fraction of channels where each expert is outside group 0 (what the runtime's
+majority-group strategy pays for).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from vllm_channelmerge import format as fmt
+
+
+def _shapes(d: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the safetensors headers (cheap: headers only)."""
+    idx = d / fmt.INDEX_FILE
+    files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else \
+        [p.name for p in sorted(d.glob("*.safetensors"))]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with open(d / f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__":
+                shapes[k] = tuple(v["shape"])
+    return shapes
+
+
+def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
+    """Summary of a merged checkpoint as a JSON-able dict."""
+    d = Path(merged_dir)
+    cfg_path = d / fmt.CONFIG_FILE
+    if not cfg_path.exists():
+        raise fmt.FormatError(f"{cfg_path}: not found; is {d} a channel-merged checkpoint?")
+    cfg = json.loads(cfg_path.read_text())
+    qc = fmt.read_quant_config(cfg, str(cfg_path))
+    rp = d / fmt.REPORT_FILE
+    report = json.loads(rp.read_text()) if rp.exists() else {}
+    shapes = _shapes(d)
+    stored = fmt.stored_params(shapes)
+    params = report.get("params", {})
+    base_params = params.get("base")
+    tensors = []
+    for name, t in report.get("tensors", {}).items():
+        row: dict[str, Any] = {"tensor": name, "kind": t["kind"], "shape": t.get("shape")}
+        if t["kind"] == "channel":
+            errs = list(t["rel_error"].values())
+            row.update(num_groups=t["num_groups"], channel_merged=t.get("channel_merged", True),
+                       folded_norm=t.get("folded_norm"), bias=t.get("bias", False),
+                       rel_error_mean=sum(errs) / len(errs), rel_error_max=max(errs),
+                       rel_error=t["rel_error"], outside_group0=t["outside_group0"])
+        elif t["kind"] == "merged":
+            errs = list(t["rel_error"].values())
+            row.update(num_groups=1, rel_error_mean=sum(errs) / len(errs), rel_error_max=max(errs),
+                       rel_error=t["rel_error"])
+        tensors.append(row)
+    notes = []
+    if report.get("lm_head_untied"):
+        notes.append("lm_head was untied from the embeddings by folding the final norm into it")
+    merged_norms = report.get("merged_norms", [])
+    for n in merged_norms:
+        notes.append(f"norm {n} merged across experts ({report.get('fold_note') or 'not folded'})")
+    return {
+        "path": str(d),
+        "format_version": qc.format_version,
+        "architecture": cfg.get("architectures", ["?"])[0],
+        "base_architecture": qc.base_architecture,
+        "experts": qc.experts,
+        "num_groups": qc.num_groups,
+        "num_groups_overrides": qc.num_groups_overrides,
+        "method": qc.method,
+        "parameters": report.get("parameters"),
+        "similarity": qc.similarity,
+        "folded_norms": qc.folded_norms,
+        "merged_norms": merged_norms,
+        "lm_head_untied": bool(report.get("lm_head_untied", False)),
+        "params_stored": stored,
+        "params_ensemble": (base_params or 0) * len(qc.experts) or None,
+        "params_ratio": stored / (base_params * len(qc.experts)) if base_params else None,
+        "notes": notes,
+        "tensors": tensors,
+    }
+
+
+def format_table(info: dict[str, Any]) -> str:
+    """Human-readable report of `inspect_checkpoint`."""
+    lines = [
+        f"{info['path']}  (format v{info['format_version']}, {info['architecture']})",
+        f"experts ({len(info['experts'])}): {', '.join(info['experts'])}",
+        f"K={info['num_groups']}  method={info['method']}  similarity={info['similarity']}"
+        + (f"  overrides={info['num_groups_overrides']}" if info["num_groups_overrides"] else ""),
+    ]
+    if info["params_ratio"] is not None:
+        lines.append(f"parameters: {info['params_stored']:,} stored = {info['params_ratio']:.3f} of the "
+                     f"ensemble ({info['params_ensemble']:,})")
+    lines.append(f"norms folded: {len(info['folded_norms'])}; merged across experts: {len(info['merged_norms'])}")
+    for n in info["notes"]:
+        lines.append(f"note: {n}")
+    names = info["experts"]
+    head = f"{'tensor':<48} {'K':>2} {'err mean':>9} {'err max':>8}  outside group 0 ({' '.join(names)})"
+    lines += ["", head, "-" * len(head)]
+    for t in info["tensors"]:
+        if t["kind"] == "channel":
+            og = " ".join(f"{t['outside_group0'][n]:.0%}" for n in names)
+            flag = "" if t.get("channel_merged", True) else " (excluded)"
+            lines.append(f"{t['tensor']:<48} {t['num_groups']:>2} {t['rel_error_mean']:>9.4f} "
+                         f"{t['rel_error_max']:>8.4f}  {og}{flag}")
+        elif t["kind"] == "merged":
+            lines.append(f"{t['tensor']:<48} {'-':>2} {t['rel_error_mean']:>9.4f} {t['rel_error_max']:>8.4f}  "
+                         "merged across experts")
+        elif t["kind"] == "folded_norm":
+            lines.append(f"{t['tensor']:<48} {'-':>2} {'':>9} {'':>8}  folded (stored as ones)")
+    lines.append("")
+    lines.append("err = ||stored - expert|| / ||expert - base|| per tensor (0: exact; 1: as far as the base)")
+    return "\n".join(lines)
+
+
+def main_json(merged_dir: str | Path) -> str:
+    return json.dumps(inspect_checkpoint(merged_dir), indent=1)
