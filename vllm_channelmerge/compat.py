@@ -457,7 +457,6 @@ def update_vllm_config(vllm_config: Any) -> None:
 
     mc = vllm_config.model_config
     experts = _experts_of(mc.hf_config)
-    check_vllm_version()
 
     pc = vllm_config.parallel_config
     if pc.worker_cls == "auto":
@@ -510,6 +509,64 @@ def install_config_hooks(architectures: Iterable[str]) -> None:
         cls = _LAZY["config_hook"] = ChannelMergedConfigHook
     for arch in architectures:
         MODELS_CONFIG_MAP[arch] = cls
+
+
+# ------------------------------------------------------------------------------------------
+# HTTP: install the routing middleware without a --middleware flag
+# ------------------------------------------------------------------------------------------
+
+_APP_MODULE = "vllm.entrypoints.launchers.app"  # build_app() calls init_entrypoints_middleware
+
+
+def http_hook_available() -> bool:
+    """Whether this vLLM has the app-building function the hook wraps (no import of it)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(_APP_MODULE)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.origin:
+        return False
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            return "init_entrypoints_middleware(" in f.read()
+    except OSError:
+        return False
+
+
+def install_http_hook() -> bool:
+    """Wrap vLLM's `init_entrypoints_middleware` so that a server whose model is
+    channel-merged gets :class:`~vllm_channelmerge.serving.ExpertRoutingMiddleware`.
+
+    Only in a process that has already imported vLLM's app module (the API server; never the
+    engine or the workers). The middleware is added *before* vLLM's own (CORS, API-key
+    authentication), so it sits inside them: unauthenticated requests never reach it. It is
+    added only once the config hook has registered the experts (a channel-merged model), and
+    not when ``--middleware`` already names it.
+    """
+    import sys
+
+    mod = sys.modules.get(_APP_MODULE)
+    orig = getattr(mod, "init_entrypoints_middleware", None) if mod is not None else None
+    if orig is None:
+        return False
+    if getattr(orig, "_channelmerge", False):
+        return True
+
+    def init_entrypoints_middleware(args, app, *a, **kw):
+        from vllm_channelmerge import serving
+
+        named = any("ExpertRoutingMiddleware" in str(m) for m in (getattr(args, "middleware", None) or []))
+        if serving.REGISTRY.experts is not None and not named:
+            app.add_middleware(serving.ExpertRoutingMiddleware)
+            log.info("channelmerge: expert routing middleware installed for experts %s",
+                     ", ".join(serving.REGISTRY.experts))
+        return orig(args, app, *a, **kw)
+
+    init_entrypoints_middleware._channelmerge = True  # type: ignore[attr-defined]
+    mod.init_entrypoints_middleware = init_entrypoints_middleware
+    return True
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: lazily built vLLM subclasses

@@ -33,4 +33,5 @@ def register() -> None:
     import vllm_channelmerge.quant  # noqa: F401
 
     compat.install_config_hooks(fmt.WRAPPER_ARCHITECTURES.values())
+    compat.install_http_hook()  # API server process only; a no-op elsewhere
     _DONE = True

@@ -277,8 +277,9 @@ class ExpertRoutingMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("type") != "http":
-            return await self.app(scope, receive, send)
+        if scope.get("type") != "http" or scope.get("channelmerge.routed"):
+            return await self.app(scope, receive, send)  # not HTTP, or installed twice
+        scope = {**scope, "channelmerge.routed": True}
         method = scope.get("method", "GET")
         path = scope.get("path", "")
         if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):

