@@ -1,0 +1,232 @@
+"""The merge itself: K=1 is the classic merge, K=N is exact, format v1 round trip, recovery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from merge_tool import methods
+from merge_tool.config import parse_config
+from merge_tool.merge import run_merge
+from vllm_channelmerge import format as fmt
+
+
+def load_dir(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _classic(name: str, base: torch.Tensor, ws: list[torch.Tensor], method: str, p) -> torch.Tensor:
+    """Whole-tensor merges written from the papers / mergekit, independent of merge_tool."""
+    b = base.float()
+    ds = [w.float() - b for w in ws]
+    if method == "average":
+        return torch.stack([w.float() for w in ws]).mean(0)
+    if method == "task_arithmetic":
+        return b + p.scale * sum(ds)
+    if method == "ties":
+        trimmed = []
+        for d in ds:
+            k = int(p.density * d.numel())
+            top = torch.argsort(d.abs().reshape(-1), descending=True)[:k]
+            t = torch.zeros(d.numel())
+            t[top] = d.reshape(-1)[top]
+            trimmed.append(t.reshape(d.shape))
+        st = torch.stack(trimmed)
+        sign = torch.where(st.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(st) == sign).float()
+        return b + p.scale * (st * agree).sum(0) / agree.sum(0).clamp_min(1)
+    if method == "dare":
+        flat = torch.arange(b.numel()).reshape(b.shape)
+        out = torch.zeros_like(b)
+        for n, d in enumerate(ds):
+            keep = methods.dare_keep_mask(methods.dare_key(p.seed, name, n), flat, p.density)
+            out += torch.where(keep, d / p.density, torch.zeros_like(d))
+        return b + p.scale * out
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("average", {}),
+    ("task_arithmetic", {"scale": 0.4}),
+    ("ties", {"density": 0.3, "scale": 0.9}),
+    ("dare", {"density": 0.6, "seed": 11, "scale": 0.5}),
+])
+def test_k1_is_the_classic_merge(llama_family, tmp_path, method, params):
+    cfg = llama_family.merge_config(num_groups=1, method=method, parameters=params, fold_norms=False)
+    out = run_merge(cfg, tmp_path / "m", progress=False)
+    st = load_dir(out)
+    base = load_dir(llama_family.base)
+    experts = [load_dir(p) for p in llama_family.experts.values()]
+    for name, b in base.items():
+        ref = _classic(name, b, [e[name] for e in experts], method, cfg.parameters)
+        got = st[name]
+        if fmt.is_channel_tensor(name):
+            assert got.shape == (1, *b.shape)
+            got = got[0]
+            assert torch.equal(st[fmt.group_index_name(name)], torch.zeros(4, b.shape[0], dtype=torch.int32))
+        assert torch.allclose(got, ref, atol=2e-6, rtol=1e-5), name
+
+
+def test_k1_ties_with_qwen2_biases(qwen2_tied_family, tmp_path):
+    cfg = qwen2_tied_family.merge_config(num_groups=1, method="ties", parameters={"density": 0.5}, fold_norms=False)
+    st = load_dir(run_merge(cfg, tmp_path / "m", progress=False))
+    base = load_dir(qwen2_tied_family.base)
+    experts = [load_dir(p) for p in qwen2_tied_family.experts.values()]
+    biases = [n for n in base if n.endswith("q_proj.bias")]
+    assert biases, "qwen2 has q/k/v biases"
+    for name in biases + ["model.layers.0.self_attn.q_proj.weight"]:
+        ref = _classic(name, base[name], [e[name] for e in experts], "ties", cfg.parameters)
+        assert st[name].shape == (1, *base[name].shape)
+        assert torch.allclose(st[name][0], ref, atol=2e-6), name
+    assert "lm_head.weight" not in st  # tied and not folded: stays tied
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_kn_is_bit_exact(llama_family, tmp_path, dtype):
+    cfg = llama_family.merge_config(num_groups=4, fold_norms=False, method="ties", dtype=dtype)
+    st = load_dir(run_merge(cfg, tmp_path / "m", progress=False))
+    experts = [load_dir(p) for p in llama_family.experts.values()]
+    for name, g in st.items():
+        if not fmt.is_channel_tensor(name) or name.endswith(fmt.GROUP_INDEX_SUFFIX):
+            continue
+        idx = st[fmt.group_index_name(name)].long()
+        for n, e in enumerate(experts):
+            want = e[name] if dtype == "auto" else e[name].to(torch.bfloat16)
+            assert torch.equal(g[idx[n], torch.arange(g.shape[1])], want), (name, n)
+
+
+def test_format_v1_round_trip(merged_llama_k2, llama_family):
+    d = merged_llama_k2
+    cfg = json.loads((d / fmt.CONFIG_FILE).read_text())
+    qc = fmt.read_quant_config(cfg)
+    assert cfg["architectures"] == ["ChannelMergedLlamaForCausalLM"]
+    assert qc.experts == list(llama_family.experts) and qc.num_groups == 2
+    assert qc.base_architecture == "LlamaForCausalLM" and qc.method == "average"
+    assert qc.folded_norms and all(n.endswith("norm.weight") for n in qc.folded_norms)
+    assert fmt.ChannelMergedConfig.from_dict(qc.to_dict()) == qc
+    index = json.loads((d / fmt.INDEX_FILE).read_text())
+    st = load_dir(d)
+    assert set(index["weight_map"]) == set(st)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in st.values())
+    base = load_dir(llama_family.base)
+    expected: dict[str, tuple] = {}
+    for name, b in base.items():
+        expected.update(fmt.expected_shapes(name, tuple(b.shape), qc.groups_for(fmt.module_of(name)), 4))
+    assert {k: tuple(v.shape) for k, v in st.items()} == expected
+    for name, t in st.items():
+        if name.endswith(fmt.GROUP_INDEX_SUFFIX):
+            assert t.dtype == torch.int32 and int(t.min()) >= 0 and int(t.max()) < 2
+            assert "g_idx" not in name
+            counts = torch.stack([(t == g).sum(0) for g in range(2)])
+            assert bool((counts[0] >= counts[1]).all()), f"{name}: group 0 must be the largest"
+        elif name in qc.folded_norms:
+            assert torch.equal(t, torch.ones_like(t))
+    # fused modules share K; vLLM-style fused names resolve
+    assert qc.groups_for("model.layers.0.self_attn.qkv_proj") == 2
+    # reproducibility: the merge config and the model card are there
+    again = parse_config(yaml.safe_load((d / fmt.MERGE_CONFIG_FILE).read_text()))
+    assert again.expert_names == qc.experts and again.num_groups == 2
+    card = (d / fmt.MODEL_CARD_FILE).read_text()
+    assert "of the ensemble" in card and "Per-layer reconstruction error" in card
+    side = load_file(str(d / fmt.NORMS_FILE))
+    assert set(side) == {fmt.norm_sidecar_key(e, n) for e in qc.experts for n in qc.folded_norms}
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(d))("hello world")["input_ids"]
+
+
+def test_recovers_true_groups(llama_family, tmp_path):
+    truth = json.loads((llama_family.experts["math"] / "true_groups.json").read_text())
+    st = load_dir(run_merge(llama_family.merge_config(fold_norms=False), tmp_path / "m", progress=False))
+    from merge_tool.clustering import relabel
+    agree = total = 0
+    for name, assign in truth.items():
+        got = st[fmt.group_index_name(name)].t().long()
+        want = relabel(torch.tensor(assign))
+        agree += int((got == want).all(1).sum())
+        total += got.shape[0]
+    assert agree / total > 0.99
+
+
+def test_error_falls_as_k_grows(llama_family, tmp_path):
+    means = []
+    for k in (1, 2, 3, 4):
+        out = run_merge(llama_family.merge_config(num_groups=k, fold_norms=False), tmp_path / f"k{k}", progress=False)
+        rep = json.loads((out / fmt.REPORT_FILE).read_text())
+        errs = [v for t in rep["tensors"].values() if t["kind"] == "channel" for v in t["rel_error"].values()]
+        means.append(sum(errs) / len(errs))
+        if k == 4:
+            assert rep["params"]["ratio"] == pytest.approx(1.0, abs=0.01)
+        if k == 1:
+            assert rep["params"]["ratio"] == pytest.approx(0.25, abs=0.01)
+    assert means[0] > means[1] > means[2] > means[3] == 0.0
+    assert means[1] < 0.5 * means[0]  # the right grouping removes most of the interference
+
+
+def test_exclude_and_overrides_store_k1_layout(llama_family, tmp_path):
+    cfg = llama_family.merge_config(exclude=["*.mlp.*"], num_groups_overrides={"lm_head": 1})
+    out = run_merge(cfg, tmp_path / "m", progress=False)
+    st = load_dir(out)
+    qc = fmt.read_quant_config(json.loads((out / fmt.CONFIG_FILE).read_text()))
+    assert st["model.layers.0.mlp.up_proj.weight"].shape[0] == 1
+    assert int(st["model.layers.0.mlp.up_proj.group_index"].abs().sum()) == 0
+    assert st["lm_head.weight"].shape[0] == 1
+    assert st["model.layers.0.self_attn.q_proj.weight"].shape[0] == 2
+    assert qc.num_groups_overrides["lm_head"] == 1
+    assert qc.groups_for("model.layers.1.mlp.gate_up_proj") == 1
+
+
+def test_deterministic_and_sharded(llama_family, tmp_path):
+    cfg = llama_family.merge_config(method="dare", max_shard_size="150KB")
+    a = run_merge(cfg, tmp_path / "a", progress=False)
+    b = run_merge(cfg, tmp_path / "b", progress=False)
+    fa = sorted(p.name for p in a.glob("*.safetensors"))
+    assert len(fa) > 3 and fa[0] == f"model-00001-of-{len(fa):05d}.safetensors"
+    for f in fa:
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+    index = json.loads((a / fmt.INDEX_FILE).read_text())
+    from safetensors import safe_open
+    for name, f in index["weight_map"].items():
+        with safe_open(str(a / f), "pt") as h:
+            assert name in h.keys()
+
+
+def test_euclidean_similarity_runs(mistral_family, tmp_path):
+    out = run_merge(mistral_family.merge_config(similarity="euclidean"), tmp_path / "m", progress=False)
+    assert fmt.read_quant_config(json.loads((out / fmt.CONFIG_FILE).read_text())).similarity == "euclidean"
+
+
+def test_force_overwrites(merged_llama_k2, llama_family, tmp_path):
+    out = tmp_path / "m"
+    run_merge(llama_family.merge_config(num_groups=1), out, progress=False)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_merge(llama_family.merge_config(num_groups=2), out, progress=False)
+    run_merge(llama_family.merge_config(num_groups=3), out, force=True, progress=False)
+    assert fmt.read_quant_config(json.loads((out / fmt.CONFIG_FILE).read_text())).num_groups == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu(llama_family, tmp_path):
+    cfg = llama_family.merge_config(method="ties")
+    a = load_dir(run_merge(cfg, tmp_path / "cpu", progress=False))
+    b = load_dir(run_merge(cfg, tmp_path / "gpu", device="cuda", progress=False))
+    for k in a:
+        if k.endswith(fmt.GROUP_INDEX_SUFFIX):
+            assert (a[k] != b[k]).float().mean() < 0.01
+        else:
+            assert torch.allclose(a[k], b[k], atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
+def test_cuda_requested_without_gpu_is_clear(llama_family, tmp_path):
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        run_merge(llama_family.merge_config(), tmp_path / "m", device="cuda", progress=False)
+    assert not list(tmp_path.iterdir())
