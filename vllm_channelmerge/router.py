@@ -1,0 +1,416 @@
+"""The `auto` model name's router: a text classifier that picks an expert from a prompt.
+
+Training uses scikit-learn: TF-IDF over character n-grams (within word boundaries) and over
+word n-grams, concatenated, then a logistic regression. Serving needs numpy (and
+safetensors) only: the fitted pipeline is stored as plain data inside the merged
+checkpoint under ``router/`` (``format.ROUTER_DIR``), never as a pickle:
+
+    router/router.json          format, version, experts (class order), feature settings
+    router/vocab.json           per feature block, the n-gram terms in column order
+    router/weights.safetensors  idf_<i> per feature block, coef [C, F], intercept [C] (float64)
+
+``Router.predict`` re-implements the vectorisers' analysers, sublinear TF, IDF and L2
+normalisation and the linear decision exactly, so it gives the sklearn pipeline's
+predictions.
+
+    router = train_router({"arith": [...prompts], "code": [...]})
+    router.save(merged_dir / "router")
+    Router.load(merged_dir / "router").predict(["What is 2 + 2?"])  # -> ["arith"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .format import ROUTER_DIR, FormatError, validate_expert_names
+
+ROUTER_FORMAT = "channelmerge-router"
+ROUTER_VERSION = 1
+ROUTER_CONFIG_FILE = "router.json"
+ROUTER_VOCAB_FILE = "vocab.json"
+ROUTER_WEIGHTS_FILE = "weights.safetensors"
+ROUTER_FILES = (ROUTER_CONFIG_FILE, ROUTER_VOCAB_FILE, ROUTER_WEIGHTS_FILE)
+
+# Default feature blocks (sklearn TfidfVectorizer keyword arguments we reproduce).
+DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
+    {"analyzer": "char_wb", "ngram_range": [2, 4], "max_features": 20000},
+    {"analyzer": "word", "ngram_range": [1, 2], "max_features": 20000},
+)
+_SUPPORTED_ANALYZERS = ("char_wb", "char", "word")
+_WORD_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
+_WHITE_SPACES = re.compile(r"\s\s+")
+
+
+class RouterError(FormatError):
+    """A bad router directory or request; the message names the file, field or expert."""
+
+
+# --------------------------------------------------------------------------- analysers
+
+def _word_ngrams(text: str, lo: int, hi: int) -> list[str]:
+    tokens = _WORD_TOKEN_RE.findall(text.lower())
+    if hi == 1:
+        return tokens
+    out = list(tokens) if lo == 1 else []
+    n_tok = len(tokens)
+    for n in range(max(lo, 2), min(hi, n_tok) + 1):
+        for i in range(n_tok - n + 1):
+            out.append(" ".join(tokens[i:i + n]))
+    return out
+
+
+def _char_wb_ngrams(text: str, lo: int, hi: int) -> list[str]:
+    text = _WHITE_SPACES.sub(" ", text.lower())
+    out: list[str] = []
+    for w in text.split():
+        w = " " + w + " "
+        w_len = len(w)
+        for n in range(lo, hi + 1):
+            offset = 0
+            out.append(w[offset:offset + n])
+            while offset + n < w_len:
+                offset += 1
+                out.append(w[offset:offset + n])
+            if offset == 0:  # a short word is counted once
+                break
+    return out
+
+
+def _char_ngrams(text: str, lo: int, hi: int) -> list[str]:
+    text = _WHITE_SPACES.sub(" ", text.lower())
+    n_chars = len(text)
+    out: list[str] = []
+    for n in range(lo, min(hi + 1, n_chars + 1)):
+        for i in range(n_chars - n + 1):
+            out.append(text[i:i + n])
+    return out
+
+
+_ANALYSERS = {"word": _word_ngrams, "char_wb": _char_wb_ngrams, "char": _char_ngrams}
+
+
+# --------------------------------------------------------------------------- the router
+
+@dataclass
+class _Block:
+    analyzer: str
+    ngram_range: tuple[int, int]
+    vocab: dict[str, int]
+    idf: np.ndarray  # [V] float64
+
+    def row(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Sparse TF-IDF row of one text: (column indices, values), L2-normalised."""
+        lo, hi = self.ngram_range
+        counts = Counter(g for g in _ANALYSERS[self.analyzer](text, lo, hi) if g in self.vocab)
+        idx = np.fromiter((self.vocab[g] for g in counts), dtype=np.int64, count=len(counts))
+        val = np.fromiter((1.0 + math.log(c) for c in counts.values()), dtype=np.float64, count=len(counts))
+        val *= self.idf[idx]  # sublinear_tf, then idf
+        n = math.sqrt(float(val @ val))
+        if n > 0.0:
+            val /= n
+        return idx, val
+
+    def transform(self, texts: list[str]) -> np.ndarray:
+        X = np.zeros((len(texts), len(self.vocab)), dtype=np.float64)
+        for r, t in enumerate(texts):
+            idx, val = self.row(t)
+            X[r, idx] = val
+        return X
+
+
+@dataclass
+class Router:
+    """Picks an expert name for each prompt (numpy only)."""
+
+    experts: list[str]
+    blocks: list[_Block] = field(default_factory=list)
+    coef: np.ndarray | None = None  # [C, F] (C = 1 for two experts, as in sklearn)
+    intercept: np.ndarray | None = None  # [C]
+
+    # ------------------------------------------------------------------ predict
+    def features(self, texts: list[str]) -> np.ndarray:
+        return np.concatenate([b.transform(texts) for b in self.blocks], axis=1)
+
+    def decision_function(self, texts: list[str]) -> np.ndarray:
+        """Linear scores ``[len(texts), C]`` (sparse rows: no dense feature matrix)."""
+        out = np.empty((len(texts), self.coef.shape[0]), dtype=np.float64)
+        for r, t in enumerate(texts):
+            acc = self.intercept.copy()
+            off = 0
+            for b in self.blocks:
+                idx, val = b.row(t)
+                acc += self.coef[:, off + idx] @ val
+                off += len(b.vocab)
+            out[r] = acc
+        return out
+
+    def predict(self, texts: list[str]) -> list[str]:
+        if isinstance(texts, str):
+            raise TypeError("Router.predict takes a list of strings")
+        texts = list(texts)
+        if not texts:
+            return []
+        if len(self.experts) == 1:
+            return [self.experts[0]] * len(texts)
+        scores = self.decision_function(texts)
+        if scores.shape[1] == 1:  # binary: sklearn's positive class is experts[1]
+            idx = (scores[:, 0] > 0).astype(int)
+        else:
+            idx = scores.argmax(axis=1)
+        return [self.experts[i] for i in idx]
+
+    def check_experts(self, known: Iterable[str], where: str = "checkpoint") -> None:
+        """Raise if the router can pick an expert that ``known`` does not contain."""
+        known = list(known)
+        for e in self.experts:
+            if e not in known:
+                raise RouterError(f"{ROUTER_DIR}/{ROUTER_CONFIG_FILE}: field 'experts': router expert "
+                                  f"{e!r} is not an expert of the {where} ({', '.join(known)})")
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write router.json, vocab.json and weights.safetensors (atomically: temp dir + rename)."""
+        from safetensors.numpy import save_file
+
+        d = Path(directory)
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        cfg = {
+            "format": ROUTER_FORMAT, "version": ROUTER_VERSION, "experts": list(self.experts),
+            "features": [{"analyzer": b.analyzer, "ngram_range": list(b.ngram_range), "lowercase": True,
+                          "sublinear_tf": True, "norm": "l2", "size": len(b.vocab)} for b in self.blocks],
+        }
+        (tmp / ROUTER_CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        vocab = [sorted(b.vocab, key=b.vocab.__getitem__) for b in self.blocks]
+        (tmp / ROUTER_VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+        tensors = {f"idf_{i}": np.ascontiguousarray(b.idf, dtype=np.float64) for i, b in enumerate(self.blocks)}
+        if self.coef is not None:
+            tensors["coef"] = np.ascontiguousarray(self.coef, dtype=np.float64)
+            tensors["intercept"] = np.ascontiguousarray(self.intercept, dtype=np.float64)
+        save_file(tensors, str(tmp / ROUTER_WEIGHTS_FILE), metadata={"format": ROUTER_FORMAT})
+        if d.exists():
+            shutil.rmtree(d)
+        tmp.rename(d)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, experts: Iterable[str] | None = None) -> "Router":
+        """Read a router directory; with ``experts``, also check that it only picks those."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise RouterError(f"{d}: router directory not found")
+        for name in ROUTER_FILES:
+            if not (d / name).is_file():
+                raise RouterError(f"{d / name}: missing router file")
+        cfg_path = d / ROUTER_CONFIG_FILE
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RouterError(f"{cfg_path}: not valid JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise RouterError(f"{cfg_path}: expected a JSON object")
+        if cfg.get("format") != ROUTER_FORMAT:
+            raise RouterError(f"{cfg_path}: field 'format' is {cfg.get('format')!r}, expected {ROUTER_FORMAT!r}")
+        if cfg.get("version") != ROUTER_VERSION:
+            raise RouterError(f"{cfg_path}: field 'version' is {cfg.get('version')!r}, "
+                              f"this code reads version {ROUTER_VERSION}")
+        names = cfg.get("experts")
+        if not isinstance(names, list):
+            raise RouterError(f"{cfg_path}: field 'experts' must be a list of expert names")
+        try:
+            validate_expert_names(names, where=f"{cfg_path}: field 'experts'")
+        except FormatError as e:
+            raise RouterError(str(e)) from None
+        feats = cfg.get("features")
+        if not isinstance(feats, list):
+            raise RouterError(f"{cfg_path}: field 'features' must be a list")
+
+        vocab_path = d / ROUTER_VOCAB_FILE
+        try:
+            vocabs = json.loads(vocab_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RouterError(f"{vocab_path}: not valid JSON: {e}") from None
+        if not isinstance(vocabs, list) or len(vocabs) != len(feats):
+            raise RouterError(f"{vocab_path}: expected a list of {len(feats)} term lists (one per feature block)")
+        w_path = d / ROUTER_WEIGHTS_FILE
+        try:
+            w = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise RouterError(f"{w_path}: cannot read safetensors: {e}") from None
+
+        blocks: list[_Block] = []
+        total = 0
+        for i, (f, terms) in enumerate(zip(feats, vocabs)):
+            where = f"{cfg_path}: field 'features[{i}]'"
+            if not isinstance(f, dict) or f.get("analyzer") not in _SUPPORTED_ANALYZERS:
+                raise RouterError(f"{where}.analyzer must be one of {_SUPPORTED_ANALYZERS}")
+            ng = f.get("ngram_range")
+            if not (isinstance(ng, list) and len(ng) == 2 and all(isinstance(x, int) for x in ng)
+                    and 1 <= ng[0] <= ng[1]):
+                raise RouterError(f"{where}.ngram_range must be [min_n, max_n] with 1 <= min_n <= max_n")
+            for key, want in (("lowercase", True), ("sublinear_tf", True), ("norm", "l2")):
+                if f.get(key, want) != want:
+                    raise RouterError(f"{where}.{key} must be {want!r} (the only setting this code reads)")
+            if not isinstance(terms, list) or not all(isinstance(t, str) for t in terms):
+                raise RouterError(f"{vocab_path}: entry {i} must be a list of strings")
+            if len(set(terms)) != len(terms):
+                raise RouterError(f"{vocab_path}: entry {i} has duplicate terms")
+            idf = w.get(f"idf_{i}")
+            if idf is None:
+                raise RouterError(f"{w_path}: missing tensor 'idf_{i}'")
+            if idf.shape != (len(terms),):
+                raise RouterError(f"{w_path}: tensor 'idf_{i}' has shape {list(idf.shape)}, "
+                                  f"expected [{len(terms)}] (the terms of {ROUTER_VOCAB_FILE} entry {i})")
+            blocks.append(_Block(f["analyzer"], (ng[0], ng[1]), {t: j for j, t in enumerate(terms)},
+                                 idf.astype(np.float64)))
+            total += len(terms)
+
+        coef = intercept = None
+        if len(names) > 1:
+            n_cls = 1 if len(names) == 2 else len(names)
+            for key in ("coef", "intercept"):
+                if key not in w:
+                    raise RouterError(f"{w_path}: missing tensor {key!r}")
+            coef, intercept = w["coef"].astype(np.float64), w["intercept"].astype(np.float64)
+            if coef.shape != (n_cls, total):
+                raise RouterError(f"{w_path}: tensor 'coef' has shape {list(coef.shape)}, expected "
+                                  f"[{n_cls}, {total}] ({len(names)} experts, {total} features)")
+            if intercept.shape != (n_cls,):
+                raise RouterError(f"{w_path}: tensor 'intercept' has shape {list(intercept.shape)}, "
+                                  f"expected [{n_cls}]")
+            for key, arr in (("coef", coef), ("intercept", intercept)):
+                if not np.isfinite(arr).all():
+                    raise RouterError(f"{w_path}: tensor {key!r} holds NaN or Inf")
+        for i, b in enumerate(blocks):
+            if not np.isfinite(b.idf).all():
+                raise RouterError(f"{w_path}: tensor 'idf_{i}' holds NaN or Inf")
+        r = cls(list(names), blocks, coef, intercept)
+        if experts is not None:
+            r.check_experts(experts)
+        return r
+
+
+# --------------------------------------------------------------------------- training
+
+def build_sklearn_pipeline(features: Iterable[Mapping[str, Any]] = DEFAULT_FEATURES, C: float = 10.0,
+                           seed: int = 0):
+    """The scikit-learn pipeline a Router reproduces (for training and cross-checks)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    vecs = []
+    for i, f in enumerate(features):
+        if f["analyzer"] not in _SUPPORTED_ANALYZERS:
+            raise ValueError(f"features[{i}]: analyzer must be one of {_SUPPORTED_ANALYZERS}")
+        vecs.append((f"f{i}", TfidfVectorizer(analyzer=f["analyzer"], ngram_range=tuple(f["ngram_range"]),
+                                              max_features=f.get("max_features"), lowercase=True,
+                                              sublinear_tf=True, norm="l2", use_idf=True,
+                                              smooth_idf=True, dtype=np.float64)))
+    return Pipeline([("features", FeatureUnion(vecs)),
+                     ("clf", LogisticRegression(C=C, max_iter=2000, random_state=seed))])
+
+
+def train_router(examples: Mapping[str, list[str]], features: Iterable[Mapping[str, Any]] = DEFAULT_FEATURES,
+                 C: float = 10.0, seed: int = 0, return_pipeline: bool = False):
+    """Fit the router on example prompts per expert: ``{expert: [prompt, ...]}``.
+
+    Returns a :class:`Router` (and the fitted sklearn pipeline with ``return_pipeline``).
+    """
+    if not isinstance(examples, Mapping) or not examples:
+        raise RouterError("examples: give at least one expert with example prompts")
+    names = list(examples)
+    try:
+        validate_expert_names(names, where="examples")
+    except FormatError as e:
+        raise RouterError(str(e)) from None
+    texts: list[str] = []
+    labels: list[str] = []
+    for n in names:
+        prompts = examples[n]
+        if isinstance(prompts, str) or not prompts:
+            raise RouterError(f"examples[{n!r}]: give a non-empty list of prompts")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise RouterError(f"examples[{n!r}]: prompts must be strings, got {type(p).__name__}")
+        texts.extend(prompts)
+        labels.extend([n] * len(prompts))
+    features = [dict(f) for f in features]
+    pipe = build_sklearn_pipeline(features, C=C, seed=seed)
+    union = pipe.named_steps["features"]
+    if len(names) > 1:
+        pipe.fit(texts, labels)
+    else:  # one expert: nothing to classify, the features are fitted for completeness
+        union.fit(texts)
+    blocks: list[_Block] = []
+    for (_, vec), f in zip(union.transformer_list, features):
+        vocab = {t: int(j) for t, j in vec.vocabulary_.items()}
+        blocks.append(_Block(f["analyzer"], tuple(f["ngram_range"]), vocab, np.asarray(vec.idf_, np.float64)))
+    if len(names) == 1:
+        router = Router(names, blocks, None, None)
+        return (router, pipe) if return_pipeline else router
+    clf = pipe.named_steps["clf"]
+    # sklearn sorts classes; keep that order as the router's class order.
+    classes = [str(c) for c in clf.classes_]
+    router = Router(classes, blocks, np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64))
+    return (router, pipe) if return_pipeline else router
+
+
+# --------------------------------------------------------------------------- helpers
+
+def last_user_message(messages: list[Mapping[str, Any]]) -> str:
+    """The text the router sees for a chat request: the last user message."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, str):
+                return c
+            if isinstance(c, list):  # OpenAI content parts
+                return " ".join(p.get("text", "") for p in c if isinstance(p, Mapping) and p.get("type") == "text")
+            return ""
+    return ""
+
+
+def load_examples_jsonl(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Examples file: one JSON object per line, ``{"expert": NAME, "prompt": TEXT}`` or
+    ``{"expert": NAME, "messages": [...]}`` (the last user message is used)."""
+    out: dict[str, list[str]] = {}
+    p = Path(path)
+    with p.open(encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RouterError(f"{p}:{ln}: not valid JSON: {e}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("expert"), str):
+                raise RouterError(f"{p}:{ln}: field 'expert' (a string) is required")
+            if isinstance(row.get("prompt"), str):
+                text = row["prompt"]
+            elif isinstance(row.get("messages"), list):
+                text = last_user_message(row["messages"])
+            else:
+                raise RouterError(f"{p}:{ln}: give field 'prompt' (a string) or 'messages' (a list)")
+            out.setdefault(row["expert"], []).append(text)
+    if not out:
+        raise RouterError(f"{p}: no examples")
+    return out
+
+
+def router_dir(merged_dir: str | os.PathLike) -> Path:
+    return Path(merged_dir) / ROUTER_DIR
