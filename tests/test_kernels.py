@@ -328,3 +328,25 @@ def test_triton_module_imports_without_cuda():
     st = _smol_layer()
     batch = ExpertBatch.build(torch.arange(8) % 4, 4)
     assert choose_strategy(batch, st, torch.randn(8, 64)) != "triton"  # CPU tensors never
+
+
+def test_prefill_with_cache_keeps_the_hottest_experts():
+    st = _smol_layer(k=4)
+    st.cache = cache = HotExpertCache(budget_bytes=2 * st.dense_bytes)  # room for two experts
+    ids = torch.tensor([0] * 40 + [1] * 30 + [2] * 10 + [3] * 5)[torch.randperm(85)]
+    batch = ExpertBatch.build(ids, 4)
+    assert choose_strategy(batch, st) == "hot_cache"
+    x = torch.randn(85, st.in_features)
+    y = channel_merged_linear(x, st, batch)
+    torch.testing.assert_close(y, reference_linear(x, st.weight, st.group_index, ids), atol=1e-4, rtol=1e-4)
+    assert cache.cached_experts() == {0, 1} and cache.stats.bytes_used <= cache.budget_bytes
+
+
+def test_cache_budget_from_env(monkeypatch):
+    monkeypatch.setenv(HotExpertCache.ENV_BUDGET_MB, "1.5")
+    assert HotExpertCache.from_env().budget_bytes == int(1.5 * (1 << 20))
+    monkeypatch.delenv(HotExpertCache.ENV_BUDGET_MB)
+    assert HotExpertCache.from_env(default_mb=2).budget_bytes == 2 << 20
+    monkeypatch.setenv(HotExpertCache.ENV_BUDGET_MB, "lots")
+    with pytest.raises(ValueError, match="CHANNELMERGE_HOT_CACHE_MB"):
+        HotExpertCache.from_env()

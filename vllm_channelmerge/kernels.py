@@ -33,7 +33,7 @@ Strategies (all return exactly what :func:`reference_linear` returns, up to floa
 from __future__ import annotations
 
 import itertools
-import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -354,6 +354,18 @@ class HotExpertCache:
         self._last_batch_uid = -1
         self.stats = CacheStats(budget_bytes=self.budget_bytes)
 
+    ENV_BUDGET_MB = "CHANNELMERGE_HOT_CACHE_MB"
+
+    @classmethod
+    def from_env(cls, default_mb: float = 0.0) -> "HotExpertCache":
+        """A cache whose budget is ``$CHANNELMERGE_HOT_CACHE_MB`` megabytes (else ``default_mb``)."""
+        raw = os.environ.get(cls.ENV_BUDGET_MB)
+        try:
+            mb = float(raw) if raw not in (None, "") else float(default_mb)
+        except ValueError:
+            raise ValueError(f"{cls.ENV_BUDGET_MB}={raw!r}: expected a number of megabytes") from None
+        return cls(budget_bytes=int(mb * (1 << 20)))
+
     # -- bookkeeping -------------------------------------------------------------------------
     def observe(self, batch: ExpertBatch) -> None:
         """Update expert hotness from a batch's composition (idempotent per batch)."""
@@ -611,10 +623,10 @@ def strategy_costs(batch: ExpertBatch, state: LayerState, cost: CostModel = DEFA
         r = state.residual_fraction[e]
         if r > 0:
             mr += r * (cost.gather + d(n)) + cost.launch
+    if state.cache is not None:  # before per_expert_gather: on a tie it also keeps the copies
+        costs["hot_cache"] = hc
     costs["per_expert_gather"] = pe
     costs["majority_residual"] = d(t) + mr
-    if state.cache is not None:
-        costs["hot_cache"] = hc
     return costs
 
 
