@@ -440,6 +440,44 @@ def _validator_cls():
 
 
 # ------------------------------------------------------------------------------------------
+# Prefix caching: a per-expert cache salt on every request, offline ones included
+# ------------------------------------------------------------------------------------------
+
+
+def salted(expert: str, salt: Optional[str]) -> str:
+    """Per-expert salt (idempotent: the middleware may already have set it)."""
+    from vllm_channelmerge.serving import expert_salt
+
+    mine = expert_salt(expert)
+    if salt and (salt == mine or salt.startswith(mine + ":")):
+        return salt
+    return expert_salt(expert, salt)
+
+
+def install_request_salt_hook() -> None:
+    """Wrap ``InputProcessor.process_inputs`` (frontend) so every request's ``cache_salt``
+    carries its expert: block hashes then never match across experts, so prefix caching
+    cannot hand one expert's KV blocks to another (seen without the salt: wrong tokens)."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_channelmerge", False):
+        return
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        experts = _VALIDATOR_EXPERTS
+        sp = getattr(req, "sampling_params", None)
+        if experts and sp is not None:
+            name = experts[expert_of_params(sp, experts)]
+            req.cache_salt = salted(name, req.cache_salt)
+        return req
+
+    process_inputs._channelmerge = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs
+
+
+# ------------------------------------------------------------------------------------------
 # Config hook
 # ------------------------------------------------------------------------------------------
 
@@ -478,14 +516,16 @@ def update_vllm_config(vllm_config: Any) -> None:
         raise ValueError("channelmerge: speculative decoding is not supported (lm_head rows "
                          "would not map one to one to requests)")
 
+    _VALIDATOR_EXPERTS[:] = experts
     # Per-request validation of the expert name at admission (V1 logits-processor hook).
     if not getattr(vllm_config, "use_v2_model_runner", False):
-        _VALIDATOR_EXPERTS[:] = experts
         lps = list(mc.logits_processors or [])
         qual = f"{__name__}:ExpertParamsValidator"
         if qual not in lps and _validator_cls() not in lps:
             lps.append(_validator_cls())
             mc.logits_processors = lps
+
+    install_request_salt_hook()
 
     try:  # let the HTTP middleware of this process know the names
         from vllm_channelmerge import serving
