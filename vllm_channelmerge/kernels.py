@@ -129,6 +129,9 @@ class ExpertBatch:
     uid: int = field(default_factory=lambda: next(_ids))
     _scratch: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        self.device = self.expert_ids.device
+
     @classmethod
     def build(
         cls,
@@ -236,13 +239,10 @@ class LayerState:
     def in_features(self) -> int:
         return self.weight.shape[2]
 
-    @property
-    def weight_flat(self) -> torch.Tensor:
-        return self.weight.reshape(-1, self.in_features)
-
-    @property
-    def bias_flat(self) -> Optional[torch.Tensor]:
-        return None if self.bias is None else self.bias.reshape(-1)
+    def __post_init__(self) -> None:
+        # flat views, made once: a per-call reshape costs microseconds on every layer
+        self.weight_flat = self.weight.view(-1, self.weight.shape[2])  # [K*out, in]
+        self.bias_flat = None if self.bias is None else self.bias.view(-1)  # [K*out]
 
     @property
     def dense_bytes(self) -> int:
@@ -462,7 +462,7 @@ class HotExpertCache:
 
 
 def _flat2d(x: torch.Tensor, state: LayerState) -> torch.Tensor:
-    return x.reshape(-1, state.in_features)
+    return x if x.dim() == 2 else x.reshape(-1, state.in_features)
 
 
 def dense(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
@@ -665,20 +665,24 @@ def channel_merged_linear(
 ) -> torch.Tensor:
     """``y[t] = x[t] @ W_{e(t)}^T (+ b_{e(t)})`` for ``x [..., in]``; rows of x match the batch."""
     st = layer_state
-    rows = x.numel() // st.in_features if st.in_features else 0
-    if rows != batch.num_tokens:
-        raise ValueError(f"{st.name or 'layer'}: x has {rows} rows but the expert batch has {batch.num_tokens}")
-    if batch.expert_ids.device != x.device:
-        raise ValueError(f"expert ids on {batch.expert_ids.device}, activations on {x.device}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if rows != batch.num_tokens or x2.shape[1] != st.in_features:
+        raise ValueError(
+            f"{st.name or 'layer'}: x is {tuple(x.shape)}; expected {batch.num_tokens} rows "
+            f"(the expert batch) of {st.in_features} features"
+        )
+    if x.device != batch.device:
+        raise ValueError(f"expert ids on {batch.device}, activations on {x.device}")
     if strategy == "auto":
         strategy = choose_strategy(batch, st, x)
-    if rows == 0:
-        return x.new_empty((*x.shape[:-1], st.out_features))
     fn = STRATEGIES.get(strategy)
     if fn is None:
         raise ValueError(f"unknown strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}")
-    y = fn(x.reshape(-1, st.in_features), st, batch)
-    return y.reshape(*x.shape[:-1], st.out_features)
+    if rows == 0:
+        return x.new_empty((*x.shape[:-1], st.out_features))
+    y = fn(x2, st, batch)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], st.out_features)
 
 
 # --------------------------------------------------------------------------------------------
