@@ -10,7 +10,7 @@ Both send the same chat messages (one user message, the model's own chat templat
 
     python -m benchmarks.quality.evaluate work/experts/arith --tasks arith date --split test
     python -m benchmarks.quality.evaluate --openai-base-url http://127.0.0.1:8000/v1 --model arith
-    python -m benchmarks.quality.evaluate --experts-table   # base + every expert -> experts.json
+    python -m benchmarks.quality.evaluate --experts-table   # base + each expert -> experts.json
 """
 
 from __future__ import annotations
@@ -123,26 +123,39 @@ def machine_info() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def experts_table(split: str = "test", limit: int | None = None, out: Path = EXPERTS_JSON) -> dict:
-    """Accuracy of the base and every built expert on every task -> experts.json."""
+def experts_table(split: str = "test", limit: int | None = None, out: Path = EXPERTS_JSON,
+                  full: bool = False, only: list[str] | None = None) -> dict:
+    """Accuracy of the base (every task) and each built expert (its own task; every task with
+    ``full``) -> experts.json. Entries already in the file are kept unless re-evaluated."""
     models = {"base": BASE_DIR}
     for t in TASKS:
         if (EXPERTS_DIR / t / "model.safetensors").exists():
             models[t] = EXPERTS_DIR / t
-    table: dict = {"split": split, "tasks": list(TASKS), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   "machine": machine_info(), "command": "python -m benchmarks.quality.evaluate --experts-table",
-                   "models": {}}
+    if only:
+        models = {k: v for k, v in models.items() if k in only}
+    table: dict = json.loads(out.read_text()) if out.exists() else {}
+    if table.get("split") not in (None, split):
+        table = {}
+    table.update({"split": split, "tasks": list(TASKS), "machine": machine_info(),
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    table.setdefault("models", {})
     for name, path in models.items():
-        print(f"{name} ({path})", flush=True)
-        res = evaluate(HFGenerator(path), list(TASKS), split, limit, verbose=True)
-        entry = {"path": str(path), "accuracy": res["accuracy"], "eval_seconds": res["seconds"]}
+        tasks = list(TASKS) if (name == "base" or full) else [name]
+        print(f"{name} ({path}) on {', '.join(tasks)}", flush=True)
+        res = evaluate(HFGenerator(path), tasks, split, limit, verbose=True)
+        entry = table["models"].get(name, {})
+        entry["path"] = str(path)
+        entry.setdefault("accuracy", {}).update(res["accuracy"])
+        entry.setdefault("eval_seconds", {}).update(res["seconds"])
+        entry.setdefault("samples", {}).update(res["samples"])
         info = Path(path) / "train_info.json"
         if info.exists():
             ti = json.loads(info.read_text())
             entry["train_seconds"] = ti["train_seconds"]
             entry["train_config"] = ti["config"]
+            entry["train_tokens"] = ti["train_tokens"]
         table["models"][name] = entry
-    out.write_text(json.dumps(table, indent=2) + "\n")
+        out.write_text(json.dumps(table, indent=2) + "\n")
     print(f"wrote {out}")
     return table
 
@@ -157,17 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, help="first N items per task only")
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--experts-table", action="store_true",
-                    help="evaluate base + all built experts on all tasks into experts.json")
+                    help="base (all tasks) + each built expert (own task) into experts.json")
+    ap.add_argument("--full", action="store_true", help="with --experts-table: every expert on every task")
+    ap.add_argument("--only", nargs="+", help="with --experts-table: these models only (base, task names)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (transformers back end)")
     a = ap.parse_args(argv)
     if a.experts_table:
-        experts_table(a.split, a.limit)
+        import torch
+
+        torch.set_num_threads(a.threads)
+        experts_table(a.split, a.limit, full=a.full, only=a.only)
         return 0
     if a.openai_base_url:
         if not a.model:
             ap.error("--openai-base-url needs --model")
         gen = OpenAIGenerator(a.openai_base_url, a.model)
     elif a.model_dir:
-        gen = HFGenerator(a.model_dir)
+        gen = HFGenerator(a.model_dir, threads=a.threads)
     else:
         ap.error("give a model directory or --openai-base-url URL --model NAME")
     res = evaluate(gen, a.tasks, a.split, a.limit, verbose=True)

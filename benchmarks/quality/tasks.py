@@ -8,9 +8,10 @@ need no download. Each task has its own wording, so the task is plain from the p
               -> ``936``; exact match.
 - ``date``    a written date to ISO 8601, e.g. ``March 5, 2021`` -> ``2021-03-05``; exact match.
 - ``reverse`` reverse the order of 3-5 common words; exact match.
-- ``code``    a small Python function from a one-line spec; the reply is run on hidden tests
-              in a sandboxed subprocess (isolated interpreter, empty temp dir, CPU/memory
-              limits, wall-clock timeout); it passes when every test passes.
+- ``code``    a small Python function from a one-line spec (28 one- and two-step families);
+              the reply must be only code (bare, or one fenced block and nothing else) and
+              is run on hidden tests in a sandboxed subprocess (isolated interpreter, empty
+              temp dir, CPU/memory limits, wall-clock timeout); it passes when every test passes.
 
 Splits are disjoint by prompt: ``test`` (200 items), ``val`` (100, for tuning merge
 hyperparameters), ``train`` (the rest of the pool). Prompts are the text of one user
@@ -135,31 +136,45 @@ _INT_ARGS = ("x", "n", "value", "a", "num")
 _LIST_ARGS = ("xs", "nums", "items", "values", "arr")
 _STR_ARGS = ("s", "text", "word", "line")
 
-# (kind, spec with {p} param name and {k} constant, body, reference, needs_k)
-_CODE_FAMILIES: list[tuple[str, str, str, Callable[..., Any], bool]] = [
-    ("int", "returns {p} plus {k}", "return {p} + {k}", lambda v, k: v + k, True),
-    ("int", "returns {p} minus {k}", "return {p} - {k}", lambda v, k: v - k, True),
-    ("int", "returns {p} multiplied by {k}", "return {p} * {k}", lambda v, k: v * k, True),
-    ("int", "returns the remainder of {p} divided by {k}", "return {p} % {k}", lambda v, k: v % k, True),
-    ("int", "returns True if {p} is greater than {k}, else False", "return {p} > {k}", lambda v, k: v > k, True),
-    ("int", "returns {p} squared", "return {p} * {p}", lambda v, k: v * v, False),
-    ("int", "returns True if {p} is even, else False", "return {p} % 2 == 0", lambda v, k: v % 2 == 0, False),
-    ("int", "returns the absolute value of {p}", "return abs({p})", lambda v, k: abs(v), False),
-    ("list", "returns the sum of the list {p}", "return sum({p})", lambda v, k: sum(v), False),
-    ("list", "returns the largest element of the list {p}", "return max({p})", lambda v, k: max(v), False),
-    ("list", "returns the smallest element of the list {p}", "return min({p})", lambda v, k: min(v), False),
-    ("list", "returns the list {p} sorted in ascending order", "return sorted({p})", lambda v, k: sorted(v), False),
-    ("list", "returns the first {k} elements of the list {p}", "return {p}[:{k}]", lambda v, k: v[:k], True),
+# (kind, spec with {p} param name and {k}, {j} constants, body, reference, number of constants)
+_CODE_FAMILIES: list[tuple[str, str, str, Callable[..., Any], int]] = [
+    ("int", "returns {p} plus {k}", "return {p} + {k}", lambda v, k, j: v + k, 1),
+    ("int", "returns {p} minus {k}", "return {p} - {k}", lambda v, k, j: v - k, 1),
+    ("int", "returns {p} multiplied by {k}", "return {p} * {k}", lambda v, k, j: v * k, 1),
+    ("int", "returns the remainder of {p} divided by {k}", "return {p} % {k}", lambda v, k, j: v % k, 1),
+    ("int", "returns True if {p} is greater than {k}, else False", "return {p} > {k}", lambda v, k, j: v > k, 1),
+    ("int", "returns {p} squared", "return {p} * {p}", lambda v, k, j: v * v, 0),
+    ("int", "returns True if {p} is even, else False", "return {p} % 2 == 0", lambda v, k, j: v % 2 == 0, 0),
+    ("int", "returns the absolute value of {p}", "return abs({p})", lambda v, k, j: abs(v), 0),
+    ("list", "returns the sum of the list {p}", "return sum({p})", lambda v, k, j: sum(v), 0),
+    ("list", "returns the largest element of the list {p}", "return max({p})", lambda v, k, j: max(v), 0),
+    ("list", "returns the smallest element of the list {p}", "return min({p})", lambda v, k, j: min(v), 0),
+    ("list", "returns the list {p} sorted in ascending order", "return sorted({p})", lambda v, k, j: sorted(v), 0),
+    ("list", "returns the first {k} elements of the list {p}", "return {p}[:{k}]", lambda v, k, j: v[:k], 1),
     ("list", "returns the list {p} with every element multiplied by {k}",
-     "return [v * {k} for v in {p}]", lambda v, k: [e * k for e in v], True),
+     "return [v * {k} for v in {p}]", lambda v, k, j: [e * k for e in v], 1),
     ("list", "returns the number of elements of the list {p} that are greater than {k}",
-     "return len([v for v in {p} if v > {k}])", lambda v, k: len([e for e in v if e > k]), True),
-    ("str", "returns the string {p} reversed", "return {p}[::-1]", lambda v, k: v[::-1], False),
-    ("str", "returns the string {p} in upper case", "return {p}.upper()", lambda v, k: v.upper(), False),
-    ("str", "returns the length of the string {p}", "return len({p})", lambda v, k: len(v), False),
-    ("str", "returns the string {p} repeated {k} times", "return {p} * {k}", lambda v, k: v * k, True),
+     "return len([v for v in {p} if v > {k}])", lambda v, k, j: len([e for e in v if e > k]), 1),
+    ("str", "returns the string {p} reversed", "return {p}[::-1]", lambda v, k, j: v[::-1], 0),
+    ("str", "returns the string {p} in upper case", "return {p}.upper()", lambda v, k, j: v.upper(), 0),
+    ("str", "returns the length of the string {p}", "return len({p})", lambda v, k, j: len(v), 0),
+    ("str", "returns the string {p} repeated {k} times", "return {p} * {k}", lambda v, k, j: v * k, 1),
     ("str", "returns the number of vowels in the string {p}",
-     "return sum(1 for c in {p} if c in 'aeiou')", lambda v, k: sum(1 for c in v if c in "aeiou"), False),
+     "return sum(1 for c in {p} if c in 'aeiou')", lambda v, k, j: sum(1 for c in v if c in "aeiou"), 0),
+    # two-step specs
+    ("int", "returns {p} plus {k}, multiplied by {j}", "return ({p} + {k}) * {j}", lambda v, k, j: (v + k) * j, 2),
+    ("int", "returns {p} multiplied by {k}, minus {j}", "return {p} * {k} - {j}", lambda v, k, j: v * k - j, 2),
+    ("int", "returns {p} if it is positive, otherwise 0", "return {p} if {p} > 0 else 0",
+     lambda v, k, j: v if v > 0 else 0, 0),
+    ("list", "returns the sum of the elements of the list {p} that are greater than {k}",
+     "return sum(v for v in {p} if v > {k})", lambda v, k, j: sum(e for e in v if e > k), 1),
+    ("list", "returns the list {p} without its negative elements", "return [v for v in {p} if v >= 0]",
+     lambda v, k, j: [e for e in v if e >= 0], 0),
+    ("list", "returns the list {p} sorted in descending order", "return sorted({p}, reverse=True)",
+     lambda v, k, j: sorted(v, reverse=True), 0),
+    ("str", "returns the first {k} characters of the string {p}", "return {p}[:{k}]", lambda v, k, j: v[:k], 1),
+    ("str", "returns the string {p} in upper case, reversed", "return {p}.upper()[::-1]",
+     lambda v, k, j: v.upper()[::-1], 0),
 ]
 _CODE_TEMPLATES = (
     "Write a Python function `{sig}` that {spec}. Reply with only the code.",
@@ -177,17 +192,18 @@ def _code_inputs(kind: str, rng: random.Random) -> list[Any]:
 
 
 def _gen_code(rng: random.Random) -> Item:
-    kind, spec, body, ref, needs_k = rng.choice(_CODE_FAMILIES)
+    kind, spec, body, ref, n_const = rng.choice(_CODE_FAMILIES)
     p = rng.choice({"int": _INT_ARGS, "list": _LIST_ARGS, "str": _STR_ARGS}[kind])
-    k = rng.randint(2, 9) if needs_k else None
+    k = rng.randint(2, 9) if n_const >= 1 else None
+    j = rng.randint(2, 9) if n_const >= 2 else None
     name = rng.choice(_FUNC_NAMES)
     sig = f"{name}({p})"
-    spec_t = spec.format(p=p, k=k)
-    code = f"def {sig}:\n    {body.format(p=p, k=k)}"
+    spec_t = spec.format(p=p, k=k, j=j)
+    code = f"def {sig}:\n    {body.format(p=p, k=k, j=j)}"
     inputs = _code_inputs(kind, rng)
     if kind == "int" and "remainder" in spec:
         inputs = [abs(v) for v in inputs]
-    tests = [[v, ref(v, k)] for v in inputs]
+    tests = [[v, ref(v, k, j)] for v in inputs]
     prompt = rng.choice(_CODE_TEMPLATES).format(sig=sig, spec=spec_t)
     return Item("code", prompt, code, tests)
 
@@ -237,17 +253,17 @@ def normalize(text: str) -> str:
     return t
 
 
-_FENCE_RE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+_WHOLE_FENCE_RE = re.compile(r"\A```(?:python|py)?[ \t]*\n(.*?)\n?```\Z", re.S)
 
 
 def extract_code(text: str) -> str:
-    """The first fenced code block if there is one, else the whole reply."""
-    m = _FENCE_RE.search(text)
-    if m:
-        return m.group(1)
-    if "```" in text:  # an unclosed fence (generation cut off)
-        return text.split("```", 1)[1].split("\n", 1)[-1]
-    return text
+    """The code of a reply that is only code: the reply itself, or the inside of one fenced
+    block when the reply is that block and nothing else. A reply with prose around the code
+    is run as it is (and fails): the prompt asks for only the code, as the other tasks ask
+    for only the answer."""
+    t = text.strip()
+    m = _WHOLE_FENCE_RE.match(t)
+    return m.group(1) if m else t
 
 
 _RUNNER = r"""
