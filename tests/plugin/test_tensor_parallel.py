@@ -1,0 +1,27 @@
+"""TP=2 on the CPU (one core per rank) gives the same tokens as TP=1."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from .conftest import EXPERTS, needs_vllm, run_script
+
+pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow]
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU needs two cores")
+def test_tp2_equals_tp1(merged_family, plugin_run, vllm_env, tmp_path):
+    env = dict(vllm_env, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    out = tmp_path / "tp2.json"
+    p = run_script(["plugin", str(merged_family["merged"]), str(out), "--tp", "2", "--quick"], env)
+    assert p.returncode == 0, p.stderr[-6000:]
+    tp2 = json.loads(out.read_text())
+    for e in EXPERTS:
+        for i, (a, b) in enumerate(zip(tp2["single"][e], plugin_run["single"][e])):
+            assert a["tokens"] == b["tokens"], f"{e} prompt {i}"
+            for sa, sb in zip(a["logprobs"], b["logprobs"]):
+                for t in set(sa) & set(sb):
+                    assert abs(sa[t] - sb[t]) <= 1e-3
