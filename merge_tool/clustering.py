@@ -170,6 +170,37 @@ def relabel(assign: torch.Tensor) -> torch.Tensor:
     return new_of_old.gather(1, lab)
 
 
+def partition_from_gram(
+    g: torch.Tensor,
+    k: int,
+    similarity: Similarity = "cosine",
+    exact_limit: int = 4096,
+    n_init: int = 4,
+) -> torch.Tensor:
+    """Group index of every channel from its Gram matrix: [R, N, N] -> [R, N] int64 in [0, K).
+
+    K=1: everyone in group 0. K>=N: every expert alone (label = expert index), so K=N stores
+    every expert exactly even where two experts happen to be identical.
+    """
+    r, n = g.shape[0], g.shape[1]
+    if k <= 1:
+        return torch.zeros(r, n, dtype=torch.int64, device=g.device)
+    if k >= n:
+        return torch.arange(n, device=g.device).expand(r, n).clone()
+    d2 = sq_distances(g, similarity)
+    if num_partitions(n, k) <= exact_limit:
+        a = exact_partition(d2, k)
+    else:
+        a = kmeans_partition(d2, k, n_init=n_init)
+    return relabel(a)
+
+
+def row_gram(deltas_rni: torch.Tensor) -> torch.Tensor:
+    """[R, N, I] (rows-major layout used by the merge) -> [R, N, N] Gram, one batched matmul."""
+    d = deltas_rni.float()
+    return torch.bmm(d, d.transpose(1, 2)).to(torch.float64)
+
+
 def partition_channels(
     deltas: torch.Tensor,
     k: int,
@@ -177,19 +208,8 @@ def partition_channels(
     exact_limit: int = 4096,
     n_init: int = 4,
 ) -> torch.Tensor:
-    """Group index of every channel: deltas [N, R, I] -> [R, N] int64 labels in [0, K).
-
-    K=1: everyone in group 0. K>=N: every expert alone (label = expert index), so K=N stores
-    every expert exactly even where two experts happen to be identical.
-    """
+    """Group index of every channel: deltas [N, R, I] -> [R, N] int64 labels in [0, K)."""
     n, r = deltas.shape[0], deltas.shape[1]
-    if k <= 1:
-        return torch.zeros(r, n, dtype=torch.int64, device=deltas.device)
-    if k >= n:
-        return torch.arange(n, device=deltas.device).expand(r, n).clone()
-    d2 = sq_distances(gram(deltas), similarity)
-    if num_partitions(n, k) <= exact_limit:
-        a = exact_partition(d2, k)
-    else:
-        a = kmeans_partition(d2, k, n_init=n_init)
-    return relabel(a)
+    if k <= 1 or k >= n:
+        return partition_from_gram(torch.zeros(r, n, n, device=deltas.device), k, similarity)
+    return partition_from_gram(gram(deltas), k, similarity, exact_limit, n_init)

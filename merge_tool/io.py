@@ -184,8 +184,9 @@ class ModelReader:
             return self._bin_cache[f][name].dtype
         return _ST_DTYPES_REV.get(self._handles[f].get_slice(name).get_dtype(), torch.float32)
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, loaded now; NaN/Inf is an error naming file and tensor."""
+    def get(self, name: str, check: bool = True) -> torch.Tensor:
+        """One tensor; NaN/Inf is an error naming file and tensor (unless `check` is False:
+        the caller then checks cheaply itself)."""
         if name not in self._file_of:
             raise InputError(f"{self.role} ({self.path}): tensor {name!r} is missing")
         f = self._file_of[name]
@@ -193,7 +194,7 @@ class ModelReader:
             t = self._bin_cache[f][name] if f in self._bin_cache else self._handles[f].get_tensor(name)
         except Exception as e:
             raise InputError(f"{f}: cannot read tensor {name!r} (corrupt file?): {e}") from None
-        if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if check and self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise InputError(f"{f}: tensor {name!r} contains {bad} NaN/Inf value(s)")
         return t

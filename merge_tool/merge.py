@@ -154,73 +154,101 @@ class _Merger:
 
     def _sparsify(self, d: torch.Tensor, key_name: str, thresholds: list[float], flat0: int,
                   row_len: int) -> torch.Tensor:
-        """Apply the method's whole-tensor sparsification to a block [N, R, I] of `key_name`."""
+        """Apply the method's whole-tensor sparsification to a block [R, N, I] of `key_name`."""
         sp = self.method.sparsify
         if sp is None:
             return d
         dens = self.params.density
+        if dens >= 1.0:
+            return d
         if sp == "magnitude":
-            return torch.stack([methods.trim(d[n], thresholds[n], dens) for n in range(d.shape[0])])
-        r, i = d.shape[1], d.shape[2]
-        rows = torch.arange(r, device=d.device, dtype=torch.int64).unsqueeze(1) * row_len
-        flat = flat0 + rows + torch.arange(i, device=d.device, dtype=torch.int64).unsqueeze(0)
-        return torch.stack([
-            methods.dare_drop(d[n], methods.dare_key(self.params.seed, key_name, n), flat, dens)
-            for n in range(d.shape[0])])
+            thr = torch.tensor(thresholds, dtype=d.dtype, device=d.device).view(1, -1, 1)
+            return d * (d.abs() >= thr).to(d.dtype)
+        r, n, i = d.shape
+        flat = (flat0 + torch.arange(r, device=d.device, dtype=torch.int64).unsqueeze(1) * row_len
+                + torch.arange(i, device=d.device, dtype=torch.int64).unsqueeze(0))
+        keep = torch.stack([methods.dare_keep_mask(methods.dare_key(self.params.seed, key_name, e), flat, dens)
+                            for e in range(n)], 1)
+        return d * keep.to(d.dtype) / dens
+
+    def _load_rows(self, dst: torch.Tensor, src: torch.Tensor, r0: int, r1: int,
+                   norm: Optional[torch.Tensor]) -> None:
+        """Copy rows of an input (any dtype) into a float32 slice, folding the norm in place."""
+        dst.copy_(src[r0:r1])
+        if norm is not None:
+            dst.mul_(norm.unsqueeze(0))
+
+    def _check_finite(self, job: Job) -> None:
+        """Slow path, only when a block's statistics were not finite: name the culprit."""
+        for r in [self.base, *self.experts]:
+            for name in filter(None, (job.source, job.bias)):
+                t = r.get(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise InputError(f"{r.file_of(name)}: tensor {name!r} contains {bad} NaN/Inf value(s)")
 
     # -- one channel tensor ----------------------------------------------------------------
 
     def channel(self, job: Job, writer: StreamingShardWriter, stats: MergeStats) -> None:
         n_exp = len(self.experts)
         out_rows, in_dim = job.shape
-        bt = self.base.get(job.source)
-        ets = [r.get(job.source) for r in self.experts]
-        bb = self.base.get(job.bias) if job.bias else None
-        ebs = [r.get(job.bias) for r in self.experts] if job.bias else None
+        # NaN/Inf in these big tensors is caught from the block statistics (no extra pass).
+        bt = self.base.get(job.source, check=False)
+        ets = [r.get(job.source, check=False) for r in self.experts]
+        bb = self.base.get(job.bias, check=False) if job.bias else None
+        ebs = [r.get(job.bias, check=False) for r in self.experts] if job.bias else None
         norms = self.norms[job.norm] if job.norm else None
-        thr_w = thr_b = []
+        thr_w: list[float] = []
+        thr_b: list[float] = []
         if self.method.sparsify == "magnitude":
             thr_w = self._thresholds(bt, ets, norms)
             if job.bias:
                 thr_b = self._thresholds(bb, ebs, None, is_vec=True)
         k = job.k
+        width = in_dim + (1 if job.bias else 0)
         g_out = torch.empty((k, out_rows, in_dim), dtype=job.dtype)
         b_out = torch.empty((k, out_rows), dtype=job.dtype) if job.bias else None
         idx_out = torch.empty((n_exp, out_rows), dtype=torch.int32)
         err = torch.zeros(n_exp, dtype=torch.float64)
         dnorm = torch.zeros(n_exp, dtype=torch.float64)
-        wnorm = torch.zeros(n_exp, dtype=torch.float64)
         outside = torch.zeros(n_exp, dtype=torch.float64)
         step = max(1, min(self.cfg.block_rows, _BLOCK_ELEMS // max(1, in_dim)))
         for r0 in range(0, out_rows, step):
             r1 = min(out_rows, r0 + step)
-            base_rows = self._rows(bt, r0, r1, norms[0] if norms else None)
-            w = torch.stack([self._rows(e, r0, r1, norms[i + 1] if norms else None) for i, e in enumerate(ets)])
+            rr = r1 - r0
+            base_rows = torch.empty((rr, width), dtype=torch.float32, device=self.dev)
+            w = torch.empty((rr, n_exp, width), dtype=torch.float32, device=self.dev)  # [R, N, I]
+            self._load_rows(base_rows[:, :in_dim], bt, r0, r1, norms[0] if norms else None)
+            for i, e in enumerate(ets):
+                self._load_rows(w[:, i, :in_dim], e, r0, r1, norms[i + 1] if norms else None)
             if job.bias:
-                base_rows = torch.cat([base_rows, bb[r0:r1].to(self.dev, torch.float32).unsqueeze(1)], 1)
-                w = torch.cat([w, torch.stack([e[r0:r1].to(self.dev, torch.float32) for e in ebs]).unsqueeze(2)], 2)
-            d = w - base_rows.unsqueeze(0)
-            assign = clustering.partition_channels(d, k, self.cfg.similarity, self.cfg.kmeans_threshold)  # [R, N]
+                base_rows[:, in_dim].copy_(bb[r0:r1])
+                for i, e in enumerate(ebs):
+                    w[:, i, in_dim].copy_(e[r0:r1])
+            d = w - base_rows.unsqueeze(1)
+            gram = clustering.row_gram(d) if 1 < k < n_exp else torch.zeros(rr, n_exp, n_exp, device=self.dev)
+            assign = clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
             if self.method.sparsify is None:
                 ds = d
             else:
                 ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
                 if job.bias:
-                    dsb = self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)
-                    ds = torch.cat([ds, dsb], 2)
-            g = self._combine(ds, base_rows, w, assign, k)
+                    ds = torch.cat([ds, self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)], 2)
+            g = self._combine(ds, base_rows, w, assign, k)  # [R, K, I]
             gc = g.to(job.dtype)
             # Measure what the runtime will see: the stored (rounded) group rows.
-            rec = gc.to(torch.float32)[assign.t(), torch.arange(r1 - r0, device=self.dev).unsqueeze(0)]
-            err += ((rec - w) ** 2).sum((1, 2)).double().cpu()
-            dnorm += (d ** 2).sum((1, 2)).double().cpu()
-            wnorm += (w ** 2).sum((1, 2)).double().cpu()
+            gf = gc if gc.dtype == torch.float32 else gc.float()
+            rec = gf.gather(1, assign.unsqueeze(2).expand(rr, n_exp, width))
+            err += torch.linalg.vector_norm(rec.sub_(w), dim=(0, 2)).double().cpu() ** 2
+            dnorm += torch.linalg.vector_norm(d, dim=(0, 2)).double().cpu() ** 2
             outside += (assign != 0).sum(0).double().cpu()
             gc = gc.cpu()
-            g_out[:, r0:r1] = gc[:, :, :in_dim]
+            g_out[:, r0:r1] = gc[:, :, :in_dim].transpose(0, 1)
             if b_out is not None:
-                b_out[:, r0:r1] = gc[:, :, in_dim]
+                b_out[:, r0:r1] = gc[:, :, in_dim].t()
             idx_out[:, r0:r1] = assign.t().to(torch.int32).cpu()
+        if not (bool(torch.isfinite(err).all()) and bool(torch.isfinite(dnorm).all())):
+            self._check_finite(job)
         del bt, ets, bb, ebs
         writer.write(job.name, g_out)
         if job.bias and b_out is not None:
@@ -231,28 +259,35 @@ class _Merger:
             "bias": job.bias is not None, "folded_norm": job.norm, "source": job.source,
             "channel_merged": self.cfg.is_selected(job.name),
             "rel_error": dict(zip(self.names, _rel(err, dnorm))),
-            "weight_rel_error": dict(zip(self.names, _rel(err, wnorm))),
             "outside_group0": dict(zip(self.names, (outside / out_rows).tolist())),
         }
 
     def _combine(self, ds: torch.Tensor, base_rows: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
                  k: int) -> torch.Tensor:
-        """Group rows [K, R, I]: base + merged delta; one-member groups keep their expert exactly."""
-        r = assign.shape[0]
-        sizes = torch.nn.functional.one_hot(assign, k).sum(1)  # [R, K]
-        g = torch.empty((k, *base_rows.shape), dtype=torch.float32, device=self.dev)
-        for gi in range(k):
-            g[gi] = base_rows + self.method.combine(ds, assign == gi, self.params)
+        """Group rows [R, K, I]: base + merged delta; one-member groups keep their expert exactly.
+
+        ds, w: [R, N, I]; base_rows: [R, I]; assign: [R, N].
+        """
+        onehot = torch.nn.functional.one_hot(assign, k)  # [R, N, K]
+        sizes = onehot.sum(1)  # [R, K]
+        if self.method.coefficients is not None:
+            coef = self.method.coefficients(onehot.transpose(1, 2).to(ds.dtype), self.params)  # [R, K, N]
+            g = torch.bmm(coef, ds)
+            g += base_rows.unsqueeze(1)
+        else:
+            g = torch.empty((assign.shape[0], k, base_rows.shape[1]), dtype=torch.float32, device=self.dev)
+            dt = ds.transpose(0, 1)  # [N, R, I] view for the reference combine functions
+            for gi in range(k):
+                g[:, gi] = base_rows + self.method.combine(dt, assign == gi, self.params)
         empty = sizes == 0
         if bool(empty.any()):  # fewer than K groups in some channels: never looked up; copy group 0
             for gi in range(1, k):
                 rows = empty[:, gi]
-                g[gi, rows] = g[0, rows]
+                g[rows, gi] = g[rows, 0]
         single = sizes.gather(1, assign) == 1  # [R, N]
         if bool(single.any()):
             rr, nn = single.nonzero(as_tuple=True)
-            g[assign[rr, nn], rr] = w[nn, rr]
-        del r
+            g[rr, assign[rr, nn]] = w[rr, nn]
         return g
 
     # -- other tensors ---------------------------------------------------------------------
@@ -266,15 +301,15 @@ class _Merger:
             stats.tensors[job.name] = {"kind": "copied", "shape": list(bt.shape)}
             return
         b = bt.to(self.dev, torch.float32).reshape(1, -1)
-        w = torch.stack([e.to(self.dev, torch.float32).reshape(1, -1) for e in ets])
-        d = w - b.unsqueeze(0)
+        w = torch.stack([e.to(self.dev, torch.float32).reshape(-1) for e in ets]).unsqueeze(0)  # [1, N, I]
+        d = w - b.unsqueeze(1)
         thr = self._thresholds(bt, ets, None, is_vec=True) if self.method.sparsify == "magnitude" else []
         ds = self._sparsify(d, job.name, thr, 0, d.shape[2])
         assign = torch.zeros((1, len(ets)), dtype=torch.int64, device=self.dev)
-        g = self._combine(ds, b, w, assign, 1)[0]
+        g = self._combine(ds, b, w, assign, 1)[0, 0]
         gc = g.to(job.dtype)
-        err = ((gc.float().unsqueeze(0) - w) ** 2).sum((1, 2)).double().cpu()
-        dn = (d ** 2).sum((1, 2)).double().cpu()
+        err = ((gc.float().view(1, 1, -1) - w) ** 2).sum((0, 2)).double().cpu()
+        dn = (d ** 2).sum((0, 2)).double().cpu()
         writer.write(job.name, gc.reshape(bt.shape).cpu())
         stats.tensors[job.name] = {"kind": "merged", "shape": list(bt.shape),
                                    "norm": foldmod.is_norm(job.name),

@@ -109,3 +109,18 @@ def test_registry_and_unknown_method():
     assert methods.get_method("dare").sparsify == "random"
     with pytest.raises(ValueError, match="allowed: average"):
         methods.get_method("slerp")
+
+
+@pytest.mark.parametrize("name", ["average", "task_arithmetic", "dare"])
+def test_linear_coefficients_equal_combine(name):
+    """The merge's batched-matmul fast path computes exactly what `combine` defines."""
+    m = methods.get_method(name)
+    assert m.coefficients is not None
+    d = _deltas(n=4, r=9, i=7, seed=8)
+    assign = torch.randint(0, 3, (9, 4), generator=torch.Generator().manual_seed(9))
+    p = MethodParams(scale=0.6)
+    onehot = torch.nn.functional.one_hot(assign, 3).transpose(1, 2).float()  # [R, K, N]
+    fast = torch.bmm(m.coefficients(onehot, p), d.transpose(0, 1))  # [R, K, I]
+    for g in range(3):
+        assert torch.allclose(fast[:, g], m.combine(d, assign == g, p), atol=1e-6)
+    assert methods.get_method("ties").coefficients is None
