@@ -343,10 +343,26 @@ def test_prefill_with_cache_keeps_the_hottest_experts():
 
 
 def test_cache_budget_from_env(monkeypatch):
-    monkeypatch.setenv(HotExpertCache.ENV_BUDGET_MB, "1.5")
-    assert HotExpertCache.from_env().budget_bytes == int(1.5 * (1 << 20))
-    monkeypatch.delenv(HotExpertCache.ENV_BUDGET_MB)
-    assert HotExpertCache.from_env(default_mb=2).budget_bytes == 2 << 20
-    monkeypatch.setenv(HotExpertCache.ENV_BUDGET_MB, "lots")
-    with pytest.raises(ValueError, match="CHANNELMERGE_HOT_CACHE_MB"):
+    monkeypatch.setenv(HotExpertCache.ENV_BUDGET, "1.5e6")
+    assert HotExpertCache.from_env().budget_bytes == 1_500_000
+    monkeypatch.delenv(HotExpertCache.ENV_BUDGET)
+    assert HotExpertCache.from_env(default_bytes=2048).budget_bytes == 2048
+    monkeypatch.setenv(HotExpertCache.ENV_BUDGET, "lots")
+    with pytest.raises(ValueError, match="CHANNELMERGE_HOT_CACHE_BYTES"):
         HotExpertCache.from_env()
+
+
+def test_replaced_state_without_bias_does_not_share_cache_entries():
+    """The integration derives a bias-free state with dataclasses.replace (row-parallel ranks > 0)."""
+    import dataclasses
+
+    cache = HotExpertCache(1 << 20)
+    w, gi, b, st = make_layer(4, 2, 16, 8, torch.float32, bias=True, cache=cache)
+    nob = dataclasses.replace(st, bias=None)
+    assert nob.uid != st.uid and nob.bias_flat is None
+    x = torch.randn(3, 8)
+    one = ExpertBatch.single(1, 3, 4)
+    with_b = channel_merged_linear(x, st, one, "hot_cache")
+    without = channel_merged_linear(x, nob, one, "hot_cache")
+    torch.testing.assert_close(with_b, reference_linear(x, w, gi, one.expert_ids, b))
+    torch.testing.assert_close(without, reference_linear(x, w, gi, one.expert_ids))

@@ -126,8 +126,8 @@ class ExpertBatch:
     counts: list[int]  # rows per present expert
     offsets: list[int]  # start of each present expert in the sorted order
     segments: list[torch.Tensor]  # row indices of each present expert (views of `order`)
-    uid: int = field(default_factory=lambda: next(_ids))
-    _scratch: dict = field(default_factory=dict, repr=False)
+    uid: int = field(default_factory=lambda: next(_ids), init=False)  # fresh on dataclasses.replace
+    _scratch: dict = field(default_factory=dict, repr=False, init=False)
 
     def __post_init__(self) -> None:
         self.device = self.expert_ids.device
@@ -221,7 +221,7 @@ class LayerState:
     residual_fraction: list[float]
     cache: Optional["HotExpertCache"] = None
     name: str = ""
-    uid: int = field(default_factory=lambda: next(_ids))
+    uid: int = field(default_factory=lambda: next(_ids), init=False)  # fresh on dataclasses.replace
 
     @property
     def num_groups(self) -> int:
@@ -354,17 +354,17 @@ class HotExpertCache:
         self._last_batch_uid = -1
         self.stats = CacheStats(budget_bytes=self.budget_bytes)
 
-    ENV_BUDGET_MB = "CHANNELMERGE_HOT_CACHE_MB"
+    ENV_BUDGET = "CHANNELMERGE_HOT_CACHE_BYTES"
 
     @classmethod
-    def from_env(cls, default_mb: float = 0.0) -> "HotExpertCache":
-        """A cache whose budget is ``$CHANNELMERGE_HOT_CACHE_MB`` megabytes (else ``default_mb``)."""
-        raw = os.environ.get(cls.ENV_BUDGET_MB)
+    def from_env(cls, default_bytes: int = 0) -> "HotExpertCache":
+        """A cache whose budget is ``$CHANNELMERGE_HOT_CACHE_BYTES`` (else ``default_bytes``)."""
+        raw = os.environ.get(cls.ENV_BUDGET)
         try:
-            mb = float(raw) if raw not in (None, "") else float(default_mb)
+            budget = int(float(raw)) if raw not in (None, "") else int(default_bytes)
         except ValueError:
-            raise ValueError(f"{cls.ENV_BUDGET_MB}={raw!r}: expected a number of megabytes") from None
-        return cls(budget_bytes=int(mb * (1 << 20)))
+            raise ValueError(f"{cls.ENV_BUDGET}={raw!r}: expected a number of bytes") from None
+        return cls(budget_bytes=budget)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def observe(self, batch: ExpertBatch) -> None:
