@@ -177,6 +177,18 @@ def test_bad_router_dir_errors_name_the_file(trained, tmp_path, case):
         assert str(d) in str(ei.value)
 
 
+def test_route_request_bodies(trained):
+    router = trained[0]
+    chat = {"model": "auto", "messages": [{"role": "system", "content": "You are helpful."},
+                                          {"role": "user", "content": "Tell me about Paris."},
+                                          {"role": "assistant", "content": "Paris is..."},
+                                          {"role": "user", "content": "What is 12 + 345?"}]}
+    assert router.route_request(chat) == "math"
+    assert router({"model": "auto", "prompt": ["Write a Python function `f(x)` that returns x squared."]}) == "code"
+    assert router({"model": "auto", "input": "今天天气怎么样？"}) == "zh"
+    assert router({"model": "auto"}) in EXPERTS  # no text: still one of the experts
+
+
 def test_examples_jsonl_and_last_user_message(tmp_path):
     p = tmp_path / "examples.jsonl"
     rows = [{"expert": "math", "prompt": "What is 1 + 2?"},

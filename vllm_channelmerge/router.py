@@ -169,6 +169,14 @@ class Router:
             idx = scores.argmax(axis=1)
         return [self.experts[i] for i in idx]
 
+    def route_request(self, body: Mapping[str, Any]) -> str:
+        """The expert for one OpenAI request body: the last user message of a chat request,
+        else the ``prompt`` of a completion request (first one of a list), else the
+        ``input`` of a responses request."""
+        return self.predict([request_text(body)])[0]
+
+    __call__ = route_request  # a Router is a `serving.Router` (request body -> expert name)
+
     def check_experts(self, known: Iterable[str], where: str = "checkpoint") -> None:
         """Raise if the router can pick an expert that ``known`` does not contain."""
         known = list(known)
@@ -382,6 +390,24 @@ def last_user_message(messages: list[Mapping[str, Any]]) -> str:
             if isinstance(c, list):  # OpenAI content parts
                 return " ".join(p.get("text", "") for p in c if isinstance(p, Mapping) and p.get("type") == "text")
             return ""
+    return ""
+
+
+def request_text(body: Mapping[str, Any]) -> str:
+    """The text a router reads from an OpenAI request body (chat, completions or responses)."""
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        return last_user_message(msgs)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        prompt = prompt[0] if prompt else ""
+    if isinstance(prompt, str):
+        return prompt
+    inp = body.get("input")
+    if isinstance(inp, str):
+        return inp
+    if isinstance(inp, list):
+        return last_user_message([m for m in inp if isinstance(m, Mapping)])
     return ""
 
 

@@ -20,7 +20,7 @@ from .tasks import TASKS
 
 # Steps per task (batch 16, lr 1e-4, one thread). Sized for a shared 2-core CPU where a
 # 1k-token step takes ~20 s; arithmetic and code replies need the most examples.
-STEPS = {"arith": 70, "date": 50, "reverse": 50, "code": 70}
+STEPS = {"arith": 70, "date": 40, "reverse": 50, "code": 60}
 
 
 def build_all(tasks=TASKS, force: bool = False, steps: dict | None = None) -> dict[str, float]:

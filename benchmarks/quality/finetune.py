@@ -124,6 +124,7 @@ def finetune(task: str, out: Path | None = None, cfg: TrainConfig | None = None,
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     t0 = time.time()
+    c0 = time.process_time()
     n_tokens = 0
     losses: list[float] = []
     for step in range(cfg.steps):
@@ -144,6 +145,7 @@ def finetune(task: str, out: Path | None = None, cfg: TrainConfig | None = None,
             print(f"[{task}] step {step + 1}/{cfg.steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
                   f"lr {lr_at(step):.2e} {el:.0f}s ({el / (step + 1):.1f}s/step)", flush=True)
     train_s = time.time() - t0
+    cpu_s = time.process_time() - c0
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -151,7 +153,7 @@ def finetune(task: str, out: Path | None = None, cfg: TrainConfig | None = None,
     tied = bool(model.config.tie_word_embeddings)
     save_weights(model.state_dict(), tmp, tied)
     copy_model_files(Path(base), tmp)
-    info = {"task": task, "config": asdict(cfg), "train_seconds": round(train_s, 1),
+    info = {"task": task, "config": asdict(cfg), "train_seconds": round(train_s, 1), "train_cpu_seconds": round(cpu_s, 1),
             "train_tokens": n_tokens, "final_loss": sum(losses[-10:]) / len(losses[-10:]),
             "losses": [round(x, 4) for x in losses], "base": str(base)}
     (tmp / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
