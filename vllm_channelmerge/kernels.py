@@ -580,58 +580,79 @@ STRATEGIES: dict[str, Callable[[torch.Tensor, LayerState, ExpertBatch], torch.Te
 
 @dataclass
 class CostModel:
-    """Costs in units of one pass over a dense ``[out, in]`` weight (memory-bound decode).
+    """Costs in units of one pass over the layer's dense ``[out, in]`` weight.
 
-    ``flop_per_token``: extra cost per token and dense weight (compute); ``gather``: cost of
-    gathering one dense weight (read + write); ``launch``: fixed cost per extra GEMM call.
-    Defaults measured on a 2-core AVX2 CPU with SmolLM2-135M layer shapes, weights streaming
-    from DRAM (benchmarks/kernels_cpu.py): a dense layer costs ~1 + 0.12 T, gathering an
-    expert's rows ~1.6. On CUDA the fused Triton kernel replaces all-groups for decode.
+    ``flop_per_token``: extra cost per token per dense weight (compute); ``gather``: cost of
+    gathering one dense weight (read + write); ``launch_us``: fixed time of each extra GEMM
+    segment (a few framework ops), turned into units with ``bytes_per_us`` (the speed of one
+    weight pass), so it weighs more on small layers.
+    CPU defaults were measured on a 2-core AVX2 machine with SmolLM2-135M layer shapes and
+    weights streaming from DRAM (benchmarks/kernels_cpu.py): a dense layer ~1 + 0.12 T units,
+    a gather ~1.6, ~14 GB/s, ~10 us per segment. CUDA defaults are estimates for a
+    datacenter GPU (memory-bound up to a few hundred tokens); there the fused Triton kernel
+    takes mixed decode batches.
     """
 
     flop_per_token: float = 0.12
     gather: float = 1.6
-    launch: float = 0.05
+    launch_us: float = 10.0
+    bytes_per_us: float = 14e3
     triton_max_tokens_per_expert: int = 64
+
+    @classmethod
+    def for_device(cls, device: torch.device | str | None) -> "CostModel":
+        if device is not None and torch.device(device).type == "cuda":
+            return CUDA_COST
+        return DEFAULT_COST
+
+    def launch(self, state: "LayerState") -> float:
+        """Per-segment overhead in units of one pass over this layer's dense weight."""
+        unit_us = max(1.0, state.dense_bytes / self.bytes_per_us)
+        return self.launch_us / unit_us
 
 
 DEFAULT_COST = CostModel()
+CUDA_COST = CostModel(flop_per_token=0.004, gather=2.0, launch_us=6.0, bytes_per_us=3e6)
 
 
-def strategy_costs(batch: ExpertBatch, state: LayerState, cost: CostModel = DEFAULT_COST) -> dict[str, float]:
+def strategy_costs(
+    batch: ExpertBatch, state: LayerState, cost: Optional[CostModel] = None
+) -> dict[str, float]:
     """Estimated cost of each applicable strategy (see :class:`CostModel` for the units).
 
-    dense(t)          = 1 + a*t                            (a = flop_per_token)
-    all_groups        = K * dense(T)
-    per_expert_gather = sum_e [gather_e + dense(t_e) + launch], gather_e = 0 for a one-group expert
+    dense(t)          = 1 + a*t                            (a = flop_per_token, L = launch)
+    all_groups        = K * dense(T) + L
+    per_expert_gather = sum_e [gather_e + dense(t_e) + L], gather_e = 0 for a one-group expert
     hot_cache         = per_expert_gather with gather_e = 0 for experts already cached
-    majority_residual = dense(T) + sum_e r_e * (gather + dense(t_e)) + launch per expert with r_e>0
+    majority_residual = dense(T) + L + sum_e [r_e * (gather + dense(t_e)) + L]  (experts with r_e > 0)
     """
+    cost = cost or CostModel.for_device(batch.device)
     a, k, t = cost.flop_per_token, state.num_groups, batch.num_tokens
+    lc = cost.launch(state)
 
     def d(n: int) -> float:
         return 1.0 + a * n
 
-    costs: dict[str, float] = {"all_groups": k * d(t)}
+    costs: dict[str, float] = {"all_groups": k * d(t) + lc}
     pe = hc = mr = 0.0
     for e, n in zip(batch.experts, batch.counts):
         uni = state.uniform_group[e] >= 0
         g = 0.0 if uni else cost.gather
-        pe += g + d(n) + cost.launch
+        pe += g + d(n) + lc
         cached = state.cache is not None and state.cache.contains(state, e)
-        hc += (0.0 if cached else g) + d(n) + cost.launch
+        hc += (0.0 if cached else g) + d(n) + lc
         r = state.residual_fraction[e]
         if r > 0:
-            mr += r * (cost.gather + d(n)) + cost.launch
+            mr += r * (cost.gather + d(n)) + lc
     if state.cache is not None:  # before per_expert_gather: on a tie it also keeps the copies
         costs["hot_cache"] = hc
     costs["per_expert_gather"] = pe
-    costs["majority_residual"] = d(t) + mr
+    costs["majority_residual"] = d(t) + lc + mr
     return costs
 
 
 def choose_strategy(
-    batch: ExpertBatch, layer_meta: LayerState, x: Optional[torch.Tensor] = None, cost: CostModel = DEFAULT_COST
+    batch: ExpertBatch, layer_meta: LayerState, x: Optional[torch.Tensor] = None, cost: Optional[CostModel] = None
 ) -> str:
     """Pick a strategy from the batch composition (a cheap rule, no timing).
 
@@ -642,6 +663,7 @@ def choose_strategy(
     4. Otherwise the cheapest by :func:`strategy_costs` (ties: the earlier in the list).
     """
     st = layer_meta
+    cost = cost or CostModel.for_device(batch.device)
     if batch.num_tokens == 0 or st.num_groups == 1:
         return "dense"
     single = batch.single_expert
