@@ -85,13 +85,19 @@ def partition_cost(d2: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
     return (d2 * same / (2 * size.unsqueeze(2))).sum((1, 2))
 
 
+@functools.lru_cache(maxsize=32)
+def _partition_weights(n: int, k: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partitions [P, n] and their cost weights [n*n, P]: 1/(2|g|) where i, j share group g."""
+    parts = set_partitions(n, k).to(device)
+    same = (parts.unsqueeze(2) == parts.unsqueeze(1)).to(dtype)  # [P, n, n]
+    weights = same / (2 * same.sum(2, keepdim=True))
+    return parts, weights.reshape(len(parts), n * n).t().contiguous()
+
+
 def exact_partition(d2: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Optimal partition per channel by enumeration: [R, N, N] -> [R, N] labels."""
     r, n, _ = d2.shape
-    parts = set_partitions(n, k).to(d2.device)  # [P, n]
-    same = (parts.unsqueeze(2) == parts.unsqueeze(1)).to(d2.dtype)  # [P, n, n]
-    weights = same / (2 * same.sum(2, keepdim=True))  # 1/(2|g|) where same group
-    wflat = weights.reshape(len(parts), n * n).t()  # [n*n, P]
+    parts, wflat = _partition_weights(n, k, d2.dtype, str(d2.device))
     best = torch.empty(r, dtype=torch.int64, device=d2.device)
     for s in range(0, r, chunk):
         cost = d2[s:s + chunk].reshape(-1, n * n) @ wflat  # [chunk, P]

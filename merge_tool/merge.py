@@ -226,7 +226,12 @@ class _Merger:
                 for i, e in enumerate(ebs):
                     w[:, i, in_dim].copy_(e[r0:r1])
             d = w - base_rows.unsqueeze(1)
-            gram = clustering.row_gram(d) if 1 < k < n_exp else torch.zeros(rr, n_exp, n_exp, device=self.dev)
+            if 1 < k < n_exp:
+                gram = clustering.row_gram(d)
+                dnorm += torch.diagonal(gram, dim1=1, dim2=2).sum(0).double().cpu()
+            else:
+                gram = torch.zeros(rr, n_exp, n_exp, device=self.dev)
+                dnorm += torch.linalg.vector_norm(d, dim=(0, 2)).double().cpu() ** 2
             assign = clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
             if self.method.sparsify is None:
                 ds = d
@@ -234,18 +239,18 @@ class _Merger:
                 ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
                 if job.bias:
                     ds = torch.cat([ds, self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)], 2)
-            g = self._combine(ds, base_rows, w, assign, k)  # [R, K, I]
+            g = self._combine(ds, base_rows, w, assign, k)  # [K, R, I]
             gc = g.to(job.dtype)
-            # Measure what the runtime will see: the stored (rounded) group rows.
+            # Measure what the runtime will see: the stored (rounded) group rows, looked up.
             gf = gc if gc.dtype == torch.float32 else gc.float()
-            rec = gf.gather(1, assign.unsqueeze(2).expand(rr, n_exp, width))
+            flat = (assign * rr + torch.arange(rr, device=self.dev).unsqueeze(1)).reshape(-1)
+            rec = gf.view(k * rr, width).index_select(0, flat).view(rr, n_exp, width)
             err += torch.linalg.vector_norm(rec.sub_(w), dim=(0, 2)).double().cpu() ** 2
-            dnorm += torch.linalg.vector_norm(d, dim=(0, 2)).double().cpu() ** 2
             outside += (assign != 0).sum(0).double().cpu()
             gc = gc.cpu()
-            g_out[:, r0:r1] = gc[:, :, :in_dim].transpose(0, 1)
+            g_out[:, r0:r1] = gc[:, :, :in_dim]
             if b_out is not None:
-                b_out[:, r0:r1] = gc[:, :, in_dim].t()
+                b_out[:, r0:r1] = gc[:, :, in_dim]
             idx_out[:, r0:r1] = assign.t().to(torch.int32).cpu()
         if not (bool(torch.isfinite(err).all()) and bool(torch.isfinite(dnorm).all())):
             self._check_finite(job)
@@ -264,30 +269,32 @@ class _Merger:
 
     def _combine(self, ds: torch.Tensor, base_rows: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
                  k: int) -> torch.Tensor:
-        """Group rows [R, K, I]: base + merged delta; one-member groups keep their expert exactly.
+        """Group rows [K, R, I]: base + merged delta; one-member groups keep their expert exactly.
 
         ds, w: [R, N, I]; base_rows: [R, I]; assign: [R, N].
         """
+        r, width = base_rows.shape
         onehot = torch.nn.functional.one_hot(assign, k)  # [R, N, K]
         sizes = onehot.sum(1)  # [R, K]
+        g = torch.empty((k, r, width), dtype=torch.float32, device=self.dev)
         if self.method.coefficients is not None:
             coef = self.method.coefficients(onehot.transpose(1, 2).to(ds.dtype), self.params)  # [R, K, N]
-            g = torch.bmm(coef, ds)
-            g += base_rows.unsqueeze(1)
+            for gi in range(k):
+                torch.bmm(coef[:, gi:gi + 1, :], ds, out=g[gi].unsqueeze(1))
+                g[gi] += base_rows
         else:
-            g = torch.empty((assign.shape[0], k, base_rows.shape[1]), dtype=torch.float32, device=self.dev)
             dt = ds.transpose(0, 1)  # [N, R, I] view for the reference combine functions
             for gi in range(k):
-                g[:, gi] = base_rows + self.method.combine(dt, assign == gi, self.params)
+                torch.add(base_rows, self.method.combine(dt, assign == gi, self.params), out=g[gi])
         empty = sizes == 0
         if bool(empty.any()):  # fewer than K groups in some channels: never looked up; copy group 0
             for gi in range(1, k):
                 rows = empty[:, gi]
-                g[rows, gi] = g[rows, 0]
+                g[gi, rows] = g[0, rows]
         single = sizes.gather(1, assign) == 1  # [R, N]
         if bool(single.any()):
             rr, nn = single.nonzero(as_tuple=True)
-            g[rr, assign[rr, nn]] = w[rr, nn]
+            g[assign[rr, nn], rr] = w[rr, nn]
         return g
 
     # -- other tensors ---------------------------------------------------------------------
