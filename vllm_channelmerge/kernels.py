@@ -58,6 +58,7 @@ __all__ = [
     "prepare_layer",
     "reference_embedding",
     "reference_linear",
+    "strategy_costs",
     "triton_fused",
 ]
 
