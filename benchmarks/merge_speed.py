@@ -60,6 +60,7 @@ def child_floor(merged: str, out: str) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    torch.set_num_threads(1)  # as the merge: faster on a shared machine
     t0 = time.perf_counter()
     nbytes = 0
     for d in ["base", *NAMES]:

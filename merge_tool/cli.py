@@ -22,7 +22,8 @@ def _merge(args: argparse.Namespace) -> int:
     from merge_tool.merge import run_merge
 
     cfg = load_config(args.config)
-    out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet)
+    out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet,
+                    threads=args.threads or None)
     info = inspect_checkpoint(out)
     ratio = info["params_ratio"]
     errs = [t["rel_error_mean"] for t in info["tensors"] if t["kind"] == "channel"]
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output folder (must not exist unless --force)")
     m.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs")
+    m.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for the math (default 1: the merge is memory-bound; 0 = torch default)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     m.set_defaults(fn=_merge)
 
