@@ -75,7 +75,7 @@ def run_script(args: list[str], env: dict, timeout: int = 600) -> subprocess.Com
 def _json_run(args: list[str], out: Path, env: dict) -> dict:
     p = run_script(args, env)
     if p.returncode != 0 or not out.exists():
-        raise AssertionError(f"engine script {args[0]} failed ({p.returncode}):\n{p.stderr[-6000:]}")
+        raise AssertionError(f"engine script {args[0]} failed ({p.returncode}):\n{(p.stdout + p.stderr)[-6000:]}")
     return json.loads(out.read_text())
 
 
