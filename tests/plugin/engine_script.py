@@ -38,6 +38,18 @@ def _sp(expert=None, logprobs=TOP_LOGPROBS):
                           ignore_eos=True, extra_args=extra)
 
 
+def _prompt_sp(expert=None):
+    from vllm import SamplingParams
+
+    extra = {"expert": expert} if expert is not None else None
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=3, extra_args=extra)
+
+
+def _prompt_lps(out) -> list:
+    return [None if step is None else {str(t): float(lp.logprob) for t, lp in step.items()}
+            for step in out.prompt_logprobs]
+
+
 def _record(out) -> dict:
     c = out.outputs[0]
     lps = []
@@ -76,6 +88,10 @@ def run_plugin(merged: str, out_path: str, tp: int = 1, quick: bool = False) -> 
             res["unknown_error"] = None
         except Exception as exc:  # noqa: BLE001
             res["unknown_error"] = f"{type(exc).__name__}: {exc}"
+        # Prompt logprobs (logits over a slice of the tokens, not one row per request), two
+        # experts in one batch.
+        outs = llm.generate([PROMPTS[1], PROMPTS[1]], [_prompt_sp(a), _prompt_sp(b)], use_tqdm=False)
+        res["prompt_logprobs"] = {a: _prompt_lps(outs[0]), b: _prompt_lps(outs[1])}
         # No expert at all means expert 0.
         res["default"] = [_record(o) for o in llm.generate(PROMPTS[:1], _sp(None), use_tqdm=False)]
     json.dump(res, open(out_path, "w"))
@@ -90,8 +106,9 @@ def run_ref(out_path: str, pairs: list[str]) -> None:
         t0 = time.time()
         llm = LLM(model=path, **ENGINE_KW)
         outs = llm.generate(PROMPTS + [LONG_PROMPT], _sp(None), use_tqdm=False)
+        plp = llm.generate([PROMPTS[1]], _prompt_sp(None), use_tqdm=False)[0]
         res[name] = {"prompts": [_record(o) for o in outs[:-1]], "long": _record(outs[-1]),
-                     "startup_s": time.time() - t0}
+                     "prompt_logprobs": _prompt_lps(plp), "startup_s": time.time() - t0}
         del llm
         gc.collect()
     json.dump(res, open(out_path, "w"))

@@ -58,6 +58,14 @@ def test_prefix_caching_keeps_experts_apart(plugin_run, reference_run):
     assert runs[a][1]["cached"] > 0, "prefix caching within one expert should still hit"
 
 
+def test_prompt_logprobs_per_expert(plugin_run, reference_run):
+    """Prompt logprobs compute logits for a slice of the tokens: each row uses its token's expert."""
+    for e, got in plugin_run["prompt_logprobs"].items():
+        want = reference_run[e]["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(want) > 2
+        _same_logprobs(got[1:], want[1:], f"prompt logprobs {e}")
+
+
 def test_unknown_expert_is_refused_offline(plugin_run):
     err = plugin_run["unknown_error"]
     assert err is not None and "no-such-expert" in err and "math" in err

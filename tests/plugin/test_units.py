@@ -315,3 +315,79 @@ def test_serve_rejects_bad_checkpoint_before_starting(tmp_path):
 def test_http_hook_available_on_this_vllm():
     pytest.importorskip("vllm")
     assert compat.http_hook_available()
+
+
+# --- config hook and HTTP hook (fake configs / fake app module) ------------------------------------
+
+def _fake_vllm_config(worker_cls="auto", spec=None):
+    qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2).to_dict()
+    mc = types.SimpleNamespace(hf_config=types.SimpleNamespace(quantization_config=qc), enforce_eager=False,
+                               logits_processors=None, model="/m")
+    return types.SimpleNamespace(model_config=mc, parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
+                                 speculative_config=spec, use_v2_model_runner=False)
+
+
+def test_config_hook_sets_worker_eager_and_validator(caplog):
+    pytest.importorskip("vllm")
+    saved = serving.REGISTRY.experts
+    serving.REGISTRY.experts = None
+    try:
+        cfg = _fake_vllm_config()
+        with caplog.at_level("WARNING", logger="vllm_channelmerge"):
+            compat.update_vllm_config(cfg)
+        assert cfg.parallel_config.worker_cls == "vllm_channelmerge.compat.ChannelMergedCPUWorker"
+        assert cfg.model_config.enforce_eager is True
+        assert "forcing enforce_eager" in caplog.text
+        v = cfg.model_config.logits_processors[-1]
+        assert v is compat.ExpertParamsValidator
+        v.validate_params(types.SimpleNamespace(extra_args={"expert": "code"}))
+        with pytest.raises(ValueError, match="unknown expert"):
+            v.validate_params(types.SimpleNamespace(extra_args={"expert": "nope"}))
+        assert serving.REGISTRY.experts == EXPERTS
+        compat.update_vllm_config(cfg)  # idempotent
+        assert cfg.model_config.logits_processors.count(compat.ExpertParamsValidator) == 1
+        # The worker classes resolve from their qualified names (what vLLM does).
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        w = resolve_obj_by_qualname(cfg.parallel_config.worker_cls)
+        assert w.__name__ == "ChannelMergedCPUWorker"
+        with pytest.raises(ValueError, match="speculative"):
+            compat.update_vllm_config(_fake_vllm_config(spec=object()))
+    finally:
+        serving.REGISTRY.experts = saved
+
+
+def test_http_hook_adds_middleware_inside_vllms(monkeypatch):
+    import sys
+
+    calls = []
+    fake = types.ModuleType("fake_app_module")
+    fake.init_entrypoints_middleware = lambda args, app: calls.append(("vllm", app))
+    monkeypatch.setitem(sys.modules, compat._APP_MODULE, fake)
+
+    class App:
+        def __init__(self):
+            self.added = []
+
+        def add_middleware(self, cls):
+            self.added.append(cls)
+            calls.append(("ours", self))
+
+    assert compat.install_http_hook() and compat.install_http_hook()  # idempotent
+    saved = serving.REGISTRY.experts
+    try:
+        serving.REGISTRY.experts = None  # not a channel-merged model: nothing added
+        app = App()
+        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[]), app)
+        assert app.added == []
+        serving.REGISTRY.experts = EXPERTS
+        calls.clear()
+        app = App()
+        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[]), app)
+        assert app.added == [serving.ExpertRoutingMiddleware]
+        assert [c[0] for c in calls] == ["ours", "vllm"]  # added first: innermost
+        app = App()
+        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[serving.__name__ + ".ExpertRoutingMiddleware"]), app)
+        assert app.added == []
+    finally:
+        serving.REGISTRY.experts = saved
