@@ -308,21 +308,46 @@ class StreamingShardWriter:
         self._shard = i
         self._shard_pos = 0
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def begin(self, name: str) -> PlannedTensor:
+        """Start the next planned tensor (its bytes may then come in pieces, `write_at`)."""
         if self._pos >= len(self.plan):
             raise RuntimeError(f"unplanned tensor {name!r}")
         exp = self.plan[self._pos]
-        if exp.name != name or tuple(tensor.shape) != exp.shape or tensor.dtype != exp.dtype:
-            raise RuntimeError(f"writer expected {exp.name} {exp.dtype} {exp.shape}, got {name} "
-                               f"{tensor.dtype} {tuple(tensor.shape)}")
+        if exp.name != name:
+            raise RuntimeError(f"writer expected {exp.name}, got {name}")
         if self._shard < 0 or self._shard_pos >= len(self.shards[self._shard]):
             self._open_shard(self._shard + 1)
+        self._cur_start = self._fh.tell() if self._fh is not None else 0
+        self._cur_written = 0
+        return exp
+
+    def write_at(self, offset: int, tensor: torch.Tensor) -> None:
+        """Bytes of the current tensor at `offset` bytes from its start (any order)."""
         t = tensor.detach().to("cpu").contiguous()
         assert self._fh is not None
         if t.numel():
+            self._fh.seek(self._cur_start + offset)
             self._fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+            self._cur_written += t.numel() * t.element_size()
+
+    def end(self) -> None:
+        """Finish the current tensor: every byte must have been written exactly once."""
+        exp = self.plan[self._pos]
+        if self._cur_written != exp.nbytes:
+            raise RuntimeError(f"{exp.name}: wrote {self._cur_written} of {exp.nbytes} bytes")
+        assert self._fh is not None
+        self._fh.seek(self._cur_start + exp.nbytes)
         self._pos += 1
         self._shard_pos += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """A whole planned tensor, in plan order."""
+        exp = self.begin(name)
+        if tuple(tensor.shape) != exp.shape or tensor.dtype != exp.dtype:
+            raise RuntimeError(f"writer expected {exp.name} {exp.dtype} {exp.shape}, got {name} "
+                               f"{tensor.dtype} {tuple(tensor.shape)}")
+        self.write_at(0, tensor)
+        self.end()
 
     def close(self) -> Path:
         if self._fh is not None:

@@ -128,6 +128,7 @@ class _Merger:
         self.dev = device
         self.method = methods.get_method(cfg.method)
         self.params = cfg.parameters
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.norms: dict[str, list[torch.Tensor]] = {}  # norm -> [base, expert...] float32
         for nname in set(fp.targets.values()):
             self.norms[nname] = [r.get(nname).to(device, torch.float32) for r in [base, *experts]]
@@ -171,6 +172,15 @@ class _Merger:
                             for e in range(n)], 1)
         return d * keep.to(d.dtype) / dens
 
+    def _ws(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A reusable work buffer: fresh big allocations cost page faults on every tensor."""
+        n = math.prod(shape)
+        buf = self._bufs.get((key, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=self.dev)
+            self._bufs[(key, dtype)] = buf
+        return buf[:n].view(shape)
+
     def _load_rows(self, dst: torch.Tensor, src: torch.Tensor, r0: int, r1: int,
                    norm: Optional[torch.Tensor]) -> None:
         """Copy rows of an input (any dtype) into a float32 slice, folding the norm in place."""
@@ -206,18 +216,19 @@ class _Merger:
                 thr_b = self._thresholds(bb, ebs, None, is_vec=True)
         k = job.k
         width = in_dim + (1 if job.bias else 0)
-        g_out = torch.empty((k, out_rows, in_dim), dtype=job.dtype)
+        esize = torch.empty((), dtype=job.dtype).element_size()
         b_out = torch.empty((k, out_rows), dtype=job.dtype) if job.bias else None
         idx_out = torch.empty((n_exp, out_rows), dtype=torch.int32)
         err = torch.zeros(n_exp, dtype=torch.float64)
         dnorm = torch.zeros(n_exp, dtype=torch.float64)
         outside = torch.zeros(n_exp, dtype=torch.float64)
         step = max(1, min(self.cfg.block_rows, _BLOCK_ELEMS // max(1, in_dim)))
+        writer.begin(job.name)  # the group rows go to the file block by block
         for r0 in range(0, out_rows, step):
             r1 = min(out_rows, r0 + step)
             rr = r1 - r0
-            base_rows = torch.empty((rr, width), dtype=torch.float32, device=self.dev)
-            w = torch.empty((rr, n_exp, width), dtype=torch.float32, device=self.dev)  # [R, N, I]
+            base_rows = self._ws("base", (rr, width))
+            w = self._ws("w", (rr, n_exp, width))  # [R, N, I]
             self._load_rows(base_rows[:, :in_dim], bt, r0, r1, norms[0] if norms else None)
             for i, e in enumerate(ets):
                 self._load_rows(w[:, i, :in_dim], e, r0, r1, norms[i + 1] if norms else None)
@@ -225,7 +236,7 @@ class _Merger:
                 base_rows[:, in_dim].copy_(bb[r0:r1])
                 for i, e in enumerate(ebs):
                     w[:, i, in_dim].copy_(e[r0:r1])
-            d = w - base_rows.unsqueeze(1)
+            d = torch.sub(w, base_rows.unsqueeze(1), out=self._ws("d", (rr, n_exp, width)))
             if 1 < k < n_exp:
                 gram = clustering.row_gram(d)
                 dnorm += torch.diagonal(gram, dim1=1, dim2=2).sum(0).double().cpu()
@@ -239,23 +250,28 @@ class _Merger:
                 ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
                 if job.bias:
                     ds = torch.cat([ds, self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)], 2)
-            g = self._combine(ds, base_rows, w, assign, k)  # [K, R, I]
-            gc = g.to(job.dtype)
+            g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, rr, width)))  # [K, R, I]
+            if job.dtype == torch.float32:
+                gc = gf = g
+            else:
+                gc = self._ws("gc", (k, rr, width), job.dtype)
+                gc.copy_(g)
+                gf = g.copy_(gc)  # the rounded values, in float32
             # Measure what the runtime will see: the stored (rounded) group rows, looked up.
-            gf = gc if gc.dtype == torch.float32 else gc.float()
             flat = (assign * rr + torch.arange(rr, device=self.dev).unsqueeze(1)).reshape(-1)
-            rec = gf.view(k * rr, width).index_select(0, flat).view(rr, n_exp, width)
+            rec = self._ws("rec", (rr, n_exp, width))
+            torch.index_select(gf.view(k * rr, width), 0, flat, out=rec.view(rr * n_exp, width))
             err += torch.linalg.vector_norm(rec.sub_(w), dim=(0, 2)).double().cpu() ** 2
             outside += (assign != 0).sum(0).double().cpu()
-            gc = gc.cpu()
-            g_out[:, r0:r1] = gc[:, :, :in_dim]
+            for gi in range(k):
+                writer.write_at((gi * out_rows + r0) * in_dim * esize, gc[gi, :, :in_dim])
             if b_out is not None:
-                b_out[:, r0:r1] = gc[:, :, in_dim]
+                b_out[:, r0:r1] = gc[:, :, in_dim].cpu()
             idx_out[:, r0:r1] = assign.t().to(torch.int32).cpu()
         if not (bool(torch.isfinite(err).all()) and bool(torch.isfinite(dnorm).all())):
             self._check_finite(job)
+        writer.end()
         del bt, ets, bb, ebs
-        writer.write(job.name, g_out)
         if job.bias and b_out is not None:
             writer.write(job.bias, b_out)
         writer.write(fmt.group_index_name(job.name), idx_out)
@@ -268,7 +284,7 @@ class _Merger:
         }
 
     def _combine(self, ds: torch.Tensor, base_rows: torch.Tensor, w: torch.Tensor, assign: torch.Tensor,
-                 k: int) -> torch.Tensor:
+                 k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Group rows [K, R, I]: base + merged delta; one-member groups keep their expert exactly.
 
         ds, w: [R, N, I]; base_rows: [R, I]; assign: [R, N].
@@ -276,7 +292,7 @@ class _Merger:
         r, width = base_rows.shape
         onehot = torch.nn.functional.one_hot(assign, k)  # [R, N, K]
         sizes = onehot.sum(1)  # [R, K]
-        g = torch.empty((k, r, width), dtype=torch.float32, device=self.dev)
+        g = out if out is not None else torch.empty((k, r, width), dtype=torch.float32, device=self.dev)
         if self.method.coefficients is not None:
             coef = self.method.coefficients(onehot.transpose(1, 2).to(ds.dtype), self.params)  # [R, K, N]
             for gi in range(k):
