@@ -42,7 +42,7 @@ EXPERT_XARG = "expert"
 SALT_PREFIX = "channelmerge-expert:"
 
 # Endpoints whose body is a generation request (model + vllm_xargs + cache_salt).
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 # Other endpoints that carry a `model` field but no sampling (name check only).
 NAME_ONLY_PATHS = ("/tokenize", "/detokenize")
 
@@ -253,10 +253,14 @@ class _ResponseRewriter:
             obj = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return raw
-        if isinstance(obj, dict) and "model" in obj:
-            obj["model"] = self.expert
-            return json.dumps(obj).encode()
-        return raw
+        changed = False
+        if isinstance(obj, dict):
+            # Top level (completions, chat, messages) or nested (responses API events).
+            for holder in (obj, obj.get("response")):
+                if isinstance(holder, dict) and "model" in holder:
+                    holder["model"] = self.expert
+                    changed = True
+        return json.dumps(obj).encode() if changed else raw
 
     def _fix_event(self, event: bytes) -> bytes:
         lines = event.split(b"\n")
