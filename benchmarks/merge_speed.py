@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -143,11 +144,16 @@ def main() -> None:
         "floor_read_seconds": [round(f["read_seconds"], 2) for f in floors],
         "best_merge_seconds": round(best_m, 2), "best_floor_seconds": round(best_f, 2),
         "ratio": round(best_m / best_f, 2),
+        "median_merge_seconds": round(statistics.median(m["seconds"] for m in merges), 2),
+        "median_floor_seconds": round(statistics.median(f["seconds"] for f in floors), 2),
+        "median_ratio": round(statistics.median(m["seconds"] for m in merges)
+                              / statistics.median(f["seconds"] for f in floors), 2),
         "merge_peak_rss_bytes": max(m["peak_rss"] for m in merges),
         "floor_peak_rss_bytes": max(f["peak_rss"] for f in floors),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }
     print(json.dumps(res, indent=1))
+    (WORK / f"result_{args.method}_k{args.k}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
     qc = fmt.read_quant_config(reader.config, str(src / fmt.CONFIG_FILE))
     e = qc.expert_id(name)
     report = _read_report(src)
-    folded = list(qc.folded_norms)
+    # folded_norms lists modules (`model.norm`); the tensors are their `.weight`
+    folded = [n if n.endswith(".weight") else n + ".weight" for n in qc.folded_norms]
     norms: dict[str, torch.Tensor] = {}
     if folded:
         nf = src / fmt.NORMS_FILE
@@ -60,10 +61,9 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
         from safetensors.torch import load_file
         side = load_file(str(nf))
         for nn in folded:
-            key = fmt.norm_sidecar_key(name, nn)
-            if key not in side:
-                raise fmt.FormatError(f"{nf}: tensor {key!r} is missing")
-            norms[nn] = side[key]
+            if nn not in side or side[nn].dim() != 2 or side[nn].shape[0] != qc.num_experts:
+                raise fmt.FormatError(f"{nf}: tensor {nn!r} is missing or not [{qc.num_experts}, hidden]")
+            norms[nn] = side[nn][e]
     # Which weight has which norm folded into it (recorded by the merge; recomputed if absent).
     targets: dict[str, str] = report.get("fold_targets") or foldmod.plan_folding(
         qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)],

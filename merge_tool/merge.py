@@ -369,7 +369,8 @@ def _config_json(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan, jobs
     overrides = {fmt.module_of(j.name): j.k for j in jobs if j.kind == "channel" and j.k != cfg.num_groups}
     qc = fmt.ChannelMergedConfig(
         experts=cfg.expert_names, num_groups=cfg.num_groups, method=cfg.method,
-        similarity=cfg.similarity, base_architecture=arch, folded_norms=list(fp.folded_norms),
+        similarity=cfg.similarity, base_architecture=arch,
+        folded_norms=[fmt.module_of(n) for n in fp.folded_norms],
         num_groups_overrides=overrides)
     c = dict(base.config)
     c["architectures"] = [wrapper]
@@ -527,9 +528,8 @@ def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: lis
         "tensors": stats.tensors,
     }
     (tmp / fmt.SIDECAR_DIR).mkdir(exist_ok=True)
-    # Each expert's original folded norms, so that extract can unfold them.
-    norms = {fmt.norm_sidecar_key(name, nn): r.get(nn).contiguous()
-             for nn in fp.folded_norms for name, r in zip(cfg.expert_names, experts)}
+    # Each expert's original folded norms ([N, hidden] per norm), so that extract can unfold.
+    norms = {nn: torch.stack([r.get(nn) for r in experts]).contiguous() for nn in fp.folded_norms}
     if norms:
         save_file(norms, str(tmp / fmt.NORMS_FILE), metadata={"format": "pt"})
     (tmp / fmt.REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -110,7 +110,7 @@ def test_format_v1_round_trip(merged_llama_k2, llama_family):
     assert cfg["architectures"] == ["ChannelMergedLlamaForCausalLM"]
     assert qc.experts == list(llama_family.experts) and qc.num_groups == 2
     assert qc.base_architecture == "LlamaForCausalLM" and qc.method == "average"
-    assert qc.folded_norms and all(n.endswith("norm.weight") for n in qc.folded_norms)
+    assert qc.folded_norms and all(n.endswith("norm") for n in qc.folded_norms)  # module names
     assert fmt.ChannelMergedConfig.from_dict(qc.to_dict()) == qc
     index = json.loads((d / fmt.INDEX_FILE).read_text())
     st = load_dir(d)
@@ -127,7 +127,7 @@ def test_format_v1_round_trip(merged_llama_k2, llama_family):
             assert "g_idx" not in name
             counts = torch.stack([(t == g).sum(0) for g in range(2)])
             assert bool((counts[0] >= counts[1]).all()), f"{name}: group 0 must be the largest"
-        elif name in qc.folded_norms:
+        elif fmt.module_of(name) in qc.folded_norms:
             assert torch.equal(t, torch.ones_like(t))
     # fused modules share K; vLLM-style fused names resolve
     assert qc.groups_for("model.layers.0.self_attn.qkv_proj") == 2
@@ -137,7 +137,10 @@ def test_format_v1_round_trip(merged_llama_k2, llama_family):
     card = (d / fmt.MODEL_CARD_FILE).read_text()
     assert "of the ensemble" in card and "Per-layer reconstruction error" in card
     side = load_file(str(d / fmt.NORMS_FILE))
-    assert set(side) == {fmt.norm_sidecar_key(e, n) for e in qc.experts for n in qc.folded_norms}
+    assert set(side) == {n + ".weight" for n in qc.folded_norms}
+    experts = [load_file(str(p / "model.safetensors")) for p in llama_family.experts.values()]
+    for n, t in side.items():
+        assert torch.equal(t, torch.stack([e[n] for e in experts]))  # [N, hidden], expert order
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(str(d))("hello world")["input_ids"]
 

@@ -213,11 +213,6 @@ def expected_shapes(
     return out
 
 
-def norm_sidecar_key(expert: str, tensor_name: str) -> str:
-    """Key in NORMS_FILE of one expert's original (folded) norm weight."""
-    return f"{expert}/{tensor_name}"
-
-
 def stored_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Parameters stored in a checkpoint, not counting group indices (from index shapes)."""
     total = 0
