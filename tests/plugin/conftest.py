@@ -105,7 +105,7 @@ def server(merged_family, vllm_env, tmp_path_factory):
 
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-c", "import sys; from vllm_channelmerge.serve import main; sys.exit(main(sys.argv[1:]))",
+    cmd = [sys.executable, "-m", "merge_tool.cli", "serve",  # = `channelmerge serve DIR ...`
            str(merged_family["merged"]), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--max-num-seqs", "48", "--seed", "0"]
     with open(log, "w") as fh:
