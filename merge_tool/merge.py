@@ -299,7 +299,7 @@ class _Merger:
                 torch.bmm(coef[:, gi:gi + 1, :], ds, out=g[gi].unsqueeze(1))
                 g[gi] += base_rows
         else:
-            dt = ds.transpose(0, 1)  # [N, R, I] view for the reference combine functions
+            dt = ds.transpose(0, 1).contiguous()  # [N, R, I] for the reference combine functions
             for gi in range(k):
                 torch.add(base_rows, self.method.combine(dt, assign == gi, self.params), out=g[gi])
         empty = sizes == 0

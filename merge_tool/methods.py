@@ -57,12 +57,12 @@ def ties(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> t
 
     `deltas` must already be trimmed (see `magnitude_threshold`/`trim`).
     """
-    m = _mask(members, deltas.dtype)
-    d = deltas * m
-    elected = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)  # ties on 0 -> +, as mergekit
-    agree = (torch.sign(d) == elected.unsqueeze(0)).to(deltas.dtype) * m  # zeros never agree
-    divisor = agree.sum(0).clamp_min(1.0)
-    return (d * agree).sum(0) / divisor * params.scale
+    d = deltas * _mask(members, deltas.dtype)  # non-members and trimmed entries are 0
+    sign = torch.where(d.sum(0) >= 0, 1.0, -1.0).to(deltas.dtype)  # elected; 0 -> +, as mergekit
+    signed = d.mul_(sign)  # > 0 exactly where an entry agrees with the elected sign
+    agree = signed > 0
+    total = signed.clamp_min_(0).sum(0)  # sum of |agreeing entries|
+    return total * sign / torch.count_nonzero(agree, dim=0).clamp_min(1).to(deltas.dtype) * params.scale
 
 
 def dare(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
@@ -76,13 +76,27 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
     """|x| threshold keeping the top `density` fraction of one expert's task vector.
 
     k = int(density * numel) entries are kept, as in mergekit's `magnitude` (at least 1).
-    Entries equal to the threshold are all kept (only matters for exact ties).
+    Entries equal to the threshold are all kept (only matters for exact ties). Exact: a
+    strided sample brackets the k-th largest value, and only the entries inside that band
+    are selected from (a full selection over the whole tensor is ~10x slower).
     """
     if density >= 1.0:
         return 0.0
     flat = delta.reshape(-1).abs().float()
-    k = max(1, int(density * flat.numel()))
-    return float(torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values)
+    n = flat.numel()
+    k = max(1, int(density * n))
+    pos = n - k + 1  # 1-based rank from the smallest
+    if n > 1 << 16:
+        sample = flat[:: max(1, n // 16384)].sort().values
+        q = pos / n
+        m = sample.numel() - 1
+        lo = float(sample[max(0, int((q - 0.02) * m))])
+        hi = float(sample[min(m, int((q + 0.02) * m) + 1)])
+        below = int(torch.count_nonzero(flat < lo))
+        band = flat[(flat >= lo) & (flat <= hi)]
+        if below < pos <= below + band.numel():
+            return float(torch.kthvalue(band.cpu(), pos - below).values)
+    return float(torch.kthvalue(flat.cpu(), pos).values)
 
 
 def trim(delta: torch.Tensor, threshold: float, density: float) -> torch.Tensor:
