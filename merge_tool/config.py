@@ -90,6 +90,9 @@ class MethodParams(BaseModel):
         return v
 
 
+_PARAM_KEYS = ("scale", "lambda", "density", "seed")
+
+
 class MergeConfig(BaseModel):
     """Everything a merge needs; written back into the checkpoint as `channelmerge.yaml`."""
 
@@ -114,6 +117,25 @@ class MergeConfig(BaseModel):
     block_rows: int = Field(4096, description="output channels processed at once (memory bound)")
     kmeans_threshold: int = Field(
         4096, description="enumerate partitions exactly when there are at most this many")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level_params(cls, data: Any) -> Any:
+        """mergekit habit: `density`, `scale`/`lambda`, `seed` at the top level."""
+        if not isinstance(data, dict):
+            return data
+        moved = {k: data[k] for k in _PARAM_KEYS if k in data}
+        if not moved:
+            return data
+        data = {k: v for k, v in data.items() if k not in _PARAM_KEYS}
+        params = data.get("parameters")
+        params = dict(params) if isinstance(params, dict) else {}
+        for k, v in moved.items():
+            if k in params or (k in ("scale", "lambda") and ({"scale", "lambda"} & set(params))):
+                raise ValueError(f"{k!r} is given both at the top level and under 'parameters'")
+            params[k] = v
+        data["parameters"] = params
+        return data
 
     @field_validator("experts")
     @classmethod

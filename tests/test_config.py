@@ -107,3 +107,12 @@ def test_load_config_resolves_relative_paths(tmp_path):
     assert c.base_model == str(tmp_path / "b")
     assert c.experts[0].model == str(tmp_path / "sub" / "e")
     assert isinstance(c, MergeConfig)
+
+
+def test_top_level_method_params_like_mergekit():
+    c = parse_config(_cfg(method="ties", density=0.3, **{"lambda": 0.8}))
+    assert c.parameters.density == 0.3 and c.parameters.scale == 0.8
+    with pytest.raises(ConfigError, match="both at the top level and under 'parameters'"):
+        parse_config(_cfg(density=0.3, parameters={"density": 0.4}))
+    with pytest.raises(ConfigError, match="parameters.density: density must be in"):
+        parse_config(_cfg(density=2.0))
