@@ -233,3 +233,18 @@ def test_cuda_requested_without_gpu_is_clear(llama_family, tmp_path):
     with pytest.raises(RuntimeError, match="no CUDA GPU"):
         run_merge(llama_family.merge_config(), tmp_path / "m", device="cuda", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_experts_equal_to_base_leave_groups_empty(llama_family, tmp_path):
+    """Zero task vectors: every channel is one group; the unused group rows copy group 0."""
+    d = llama_family.config(num_groups=2, method="ties")
+    for e in d["experts"][:3]:
+        e["model"] = str(llama_family.base)
+    d["experts"] = d["experts"][:3]
+    out = run_merge(parse_config(d), tmp_path / "m", progress=False)
+    st, base = load_dir(out), load_dir(llama_family.base)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert int(st[fmt.group_index_name(q)].abs().sum()) == 0
+    assert torch.equal(st[q][0], st[q][1])
+    rep = json.loads((out / fmt.REPORT_FILE).read_text())
+    assert all(v == 0.0 for t in rep["tensors"].values() if t["kind"] == "channel" for v in t["outside_group0"].values())
