@@ -12,7 +12,15 @@ from .conftest import EXPERTS, needs_vllm, run_script
 pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="TP=2 on CPU needs two cores")
+def _tp2_possible() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count() >= 2
+    return (os.cpu_count() or 1) >= 2
+
+
+@pytest.mark.skipif(not _tp2_possible(), reason="TP=2 needs two cores (CPU) or two GPUs")
 def test_tp2_equals_tp1(merged_family, plugin_run, vllm_env, tmp_path):
     env = dict(vllm_env, VLLM_CPU_OMP_THREADS_BIND="0|1")
     out = tmp_path / "tp2.json"
