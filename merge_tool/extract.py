@@ -47,6 +47,8 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    if out == src.absolute() or out in src.absolute().parents:
+        raise FileExistsError(f"output folder {out} would overwrite the merged checkpoint {src}")
     reader = ModelReader(src, "merged checkpoint")
     qc = fmt.read_quant_config(reader.config, str(src / fmt.CONFIG_FILE))
     e = qc.expert_id(name)

@@ -463,6 +463,10 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    for src in [config.base_model, *(e.model for e in config.experts)]:
+        sp = Path(src).expanduser().absolute()
+        if out == sp or out in sp.parents:
+            raise ConfigError(f"output folder {out} would overwrite the input model {sp}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but no CUDA GPU is available")
@@ -545,6 +549,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
         tmp.rename(out)

@@ -194,3 +194,12 @@ def test_interrupted_merge_leaves_nothing(llama_family, tmp_path, leftovers, mon
     with pytest.raises(KeyboardInterrupt):
         run_merge(llama_family.merge_config(), tmp_path / "out", progress=False)
     assert leftovers(tmp_path, "out") == []
+
+
+def test_output_may_not_overwrite_an_input(llama_family, tmp_path):
+    cfg = llama_family.merge_config()
+    with pytest.raises(ConfigError, match="would overwrite the input model"):
+        run_merge(cfg, llama_family.experts["code"], force=True, progress=False)
+    with pytest.raises(ConfigError, match="would overwrite the input model"):
+        run_merge(cfg, llama_family.root, force=True, progress=False)
+    assert (llama_family.experts["code"] / "model.safetensors").exists()

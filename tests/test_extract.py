@@ -99,6 +99,8 @@ def test_extract_errors(merged_llama_k2, tmp_path, leftovers):
     extract_expert(merged_llama_k2, "math", tmp_path / "x", force=True)
     assert (tmp_path / "x" / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    with pytest.raises(FileExistsError, match="would overwrite the merged checkpoint"):
+        extract_expert(merged_llama_k2, "math", merged_llama_k2, force=True)
     with pytest.raises(fmt.FormatError, match="no quantization_config"):
         extract_expert(tmp_path / "x", "math", tmp_path / "y")
     assert leftovers(tmp_path, "y") == []
