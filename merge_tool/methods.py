@@ -24,6 +24,7 @@ Formulas (tau_n = W_n - B, lambda = `scale`):
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -126,20 +127,35 @@ def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
+def _mix_(z: torch.Tensor, s: int, mult: Optional[int]) -> torch.Tensor:
+    """In place: z ^= z >>> s, then z *= mult (wrapping int64)."""
+    z.bitwise_xor_(torch.bitwise_right_shift(z, s).bitwise_and_((1 << (64 - s)) - 1))
+    if mult is not None:
+        z.mul_(mult)
+    return z
+
+
+def _splitmix(key: int, flat_index: torch.Tensor) -> torch.Tensor:
+    """splitmix64(key + (index + 1) * golden) as int64 bits, computed in place."""
+    z = flat_index.to(torch.int64) * _i64(0x9E3779B97F4A7C15)
+    z.add_(_i64(key + 0x9E3779B97F4A7C15))
+    _mix_(z, 30, _i64(0xBF58476D1CE4E5B9))
+    _mix_(z, 27, _i64(0x94D049BB133111EB))
+    return _mix_(z, 31, None)
+
+
 def uniform_hash(key: int, flat_index: torch.Tensor) -> torch.Tensor:
     """Counter-based uniforms in [0, 1): splitmix64(key + index). Same on CPU and CUDA, and
     independent of how a tensor is split into blocks."""
-    z = flat_index.to(torch.int64) * _i64(0x9E3779B97F4A7C15) + _i64(key)
-    z = z + _i64(0x9E3779B97F4A7C15)
-    z = (z ^ _srl(z, 30)) * _i64(0xBF58476D1CE4E5B9)
-    z = (z ^ _srl(z, 27)) * _i64(0x94D049BB133111EB)
-    z = z ^ _srl(z, 31)
-    return _srl(z, 11).to(torch.float64) * (1.0 / (1 << 53))
+    return _srl(_splitmix(key, flat_index), 11).to(torch.float64) * (1.0 / (1 << 53))
 
 
 def dare_keep_mask(key: int, flat_index: torch.Tensor, density: float) -> torch.Tensor:
-    """Bernoulli(density) keep-mask of the entries at `flat_index` of one expert's tensor."""
-    return uniform_hash(key, flat_index) < density
+    """Bernoulli(density) keep-mask of the entries at `flat_index` of one expert's tensor.
+
+    Equal to `uniform_hash(key, flat_index) < density`, compared on the 53-bit integers.
+    """
+    return _srl(_splitmix(key, flat_index), 11) < math.ceil(density * (1 << 53))
 
 
 def dare_drop(delta: torch.Tensor, key: int, flat_index: torch.Tensor, density: float) -> torch.Tensor:
