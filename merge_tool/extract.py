@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from merge_tool import fold as foldmod
-from merge_tool.io import (InputError, ModelReader, PlannedTensor, StreamingShardWriter,
+from merge_tool.io import (ModelReader, PlannedTensor, StreamingShardWriter,
                            copy_tokenizer_files, fsync_dir)
 from merge_tool.merge import _replace_dir
 from vllm_channelmerge import format as fmt
