@@ -71,6 +71,8 @@ class MethodParams(BaseModel):
                                           "(task_arithmetic, ties, dare)")
     density: float = Field(0.5, description="fraction of each task vector kept (ties, dare)")
     seed: int = Field(0, description="seed of DARE's random drop mask")
+    normalize: bool = Field(False, description="task_arithmetic/dare: divide the sum by the number "
+                                               "of group members (mergekit's `normalize`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -90,7 +92,7 @@ class MethodParams(BaseModel):
         return v
 
 
-_PARAM_KEYS = ("scale", "lambda", "density", "seed")
+_PARAM_KEYS = ("scale", "lambda", "density", "seed", "normalize")
 
 
 class MergeConfig(BaseModel):

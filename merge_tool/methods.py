@@ -12,7 +12,8 @@ A method has two steps, so that grouping never changes what a method means:
 
 Formulas (tau_n = W_n - B, lambda = `scale`):
 - average:          mean_n tau_n                       (= plain weight averaging)
-- task_arithmetic:  lambda * sum_n tau_n               (Ilharco et al. 2023)
+- task_arithmetic:  lambda * sum_n tau_n               (Ilharco et al. 2023); with
+                    `normalize`, divided by the number of members (mergekit's option)
 - ties:             trim to top-density |tau_n| per tensor; gamma = sign(sum_n trimmed_n)
                     (0 counts as +); disjoint mean over entries whose sign equals gamma;
                     times lambda                       (Yadav et al. 2023; mergekit `ties`)
@@ -48,9 +49,10 @@ def average(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -
 
 
 def task_arithmetic(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
-    """lambda * sum of the members' task vectors."""
+    """lambda * sum of the members' task vectors (divided by their number if `normalize`)."""
     m = _mask(members, deltas.dtype)
-    return (deltas * m).sum(0) * params.scale
+    out = (deltas * m).sum(0) * params.scale
+    return out / m.sum(0).clamp_min(1.0) if params.normalize else out
 
 
 def ties(deltas: torch.Tensor, members: torch.Tensor, params: MethodParams) -> torch.Tensor:
@@ -172,7 +174,9 @@ def average_coefficients(membership: torch.Tensor, params: MethodParams) -> torc
 
 
 def sum_coefficients(membership: torch.Tensor, params: MethodParams) -> torch.Tensor:
-    """`task_arithmetic` / `dare` as weights: lambda for members."""
+    """`task_arithmetic` / `dare` as weights: lambda for members (/ |group| if `normalize`)."""
+    if params.normalize:
+        return membership * params.scale / membership.sum(2, keepdim=True).clamp_min(1.0)
     return membership * params.scale
 
 

@@ -35,7 +35,7 @@ def test_lambda_alias_and_params():
     ("num_groups", 3, "num_groups is 3; it must be between 1 and the number of experts (2)"),
     ("num_groups_overrides", {"*.lm_head": 5}, "num_groups_overrides['*.lm_head'] is 5"),
     ("parameters", {"density": 0.0}, "parameters.density: density must be in (0, 1]"),
-    ("parameters", {"alpha": 1}, "parameters.alpha: unknown field; allowed fields: scale, density, seed"),
+    ("parameters", {"alpha": 1}, "parameters.alpha: unknown field; allowed fields: scale, density, seed, normalize"),
     ("max_shard_size", "lots", "max_shard_size: 'lots' is not a size"),
     ("bogus", 1, "bogus: unknown field; allowed fields: base_model, experts"),
 ])

@@ -30,7 +30,7 @@ def _classic(name: str, base: torch.Tensor, ws: list[torch.Tensor], method: str,
     if method == "average":
         return torch.stack([w.float() for w in ws]).mean(0)
     if method == "task_arithmetic":
-        return b + p.scale * sum(ds)
+        return b + p.scale * sum(ds) / (len(ds) if p.normalize else 1)
     if method == "ties":
         trimmed = []
         for d in ds:
@@ -49,13 +49,14 @@ def _classic(name: str, base: torch.Tensor, ws: list[torch.Tensor], method: str,
         for n, d in enumerate(ds):
             keep = methods.dare_keep_mask(methods.dare_key(p.seed, name, n), flat, p.density)
             out += torch.where(keep, d / p.density, torch.zeros_like(d))
-        return b + p.scale * out
+        return b + p.scale * out / (len(ds) if p.normalize else 1)
     raise AssertionError(method)
 
 
 @pytest.mark.parametrize("method,params", [
     ("average", {}),
     ("task_arithmetic", {"scale": 0.4}),
+    ("task_arithmetic", {"scale": 0.4, "normalize": True}),
     ("ties", {"density": 0.3, "scale": 0.9}),
     ("dare", {"density": 0.6, "seed": 11, "scale": 0.5}),
 ])

@@ -111,14 +111,23 @@ def test_registry_and_unknown_method():
         methods.get_method("slerp")
 
 
+def test_normalize_divides_by_group_size():
+    d, m = _deltas(), _members(6, 4)
+    out = methods.task_arithmetic(d, m, MethodParams(scale=0.5, normalize=True))
+    for r in range(6):
+        sel = [n for n in range(4) if m[r, n]]
+        assert torch.allclose(out[r], 0.5 * d[sel, r].sum(0) / len(sel), atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("name", ["average", "task_arithmetic", "dare"])
-def test_linear_coefficients_equal_combine(name):
+def test_linear_coefficients_equal_combine(name, normalize):
     """The merge's batched-matmul fast path computes exactly what `combine` defines."""
     m = methods.get_method(name)
     assert m.coefficients is not None
     d = _deltas(n=4, r=9, i=7, seed=8)
     assign = torch.randint(0, 3, (9, 4), generator=torch.Generator().manual_seed(9))
-    p = MethodParams(scale=0.6)
+    p = MethodParams(scale=0.6, normalize=normalize)
     onehot = torch.nn.functional.one_hot(assign, 3).transpose(1, 2).float()  # [R, K, N]
     fast = torch.bmm(m.coefficients(onehot, p), d.transpose(0, 1))  # [R, K, I]
     for g in range(3):
