@@ -27,7 +27,9 @@ LONG_PROMPT = " ".join(["the red cat and the blue dog were big and fast"] * 30)
 MAX_TOKENS = 32
 TOP_LOGPROBS = 5
 ENGINE_KW = dict(dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=16,
-                 kv_cache_memory_bytes=1 << 27, seed=0, enable_prefix_caching=True)
+                 kv_cache_memory_bytes=1 << 27, seed=0, enable_prefix_caching=True,
+                 # Small steps: long prompts are prefilled in chunks, mixed with decodes.
+                 max_num_batched_tokens=128)
 
 
 def _sp(expert=None, logprobs=TOP_LOGPROBS):
