@@ -113,8 +113,6 @@ def _hf_name(prefix: str, shard: Any, suffix: str) -> str:
     if len(parts) > 1 and shard is not None:
         idx = {"q": 0, "k": 1, "v": 2}.get(shard, shard) if isinstance(shard, str) else int(shard)
         return f"{parts[idx]}.{suffix}"
-    if len(parts) > 1:
-        return f"{prefix}.{suffix}"
     return f"{prefix}.{suffix}"
 
 
