@@ -1,4 +1,4 @@
-"""`channelmerge` command line: merge, inspect, extract, make-synthetic, serve.
+"""`channelmerge` command line: merge, inspect, extract, make-synthetic, router, serve.
 
 Errors a user can fix (bad config, bad input, existing output) are printed as one line
 `channelmerge: error: ...` with exit status 2, without a traceback.
@@ -70,6 +70,86 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples_label_lines(path: Path) -> dict[str, int]:
+    """First line of each expert label in an examples file (for error messages)."""
+    first: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for ln, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("expert"), str):
+                first.setdefault(row["expert"], ln)
+    return first
+
+
+def _router_train(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+
+    from vllm_channelmerge.router import Router, RouterError, load_examples_jsonl, router_dir, train_router
+    from vllm_channelmerge.serving import experts_from_dir
+
+    merged, path = Path(args.dir), Path(args.examples)
+    experts = experts_from_dir(merged)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: examples file not found")
+    target = router_dir(merged)
+    if target.exists() and not args.force:
+        raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    examples = load_examples_jsonl(path)
+    lines = _examples_label_lines(path)
+    for name in examples:
+        if name not in experts:
+            raise RouterError(f"{path}:{lines.get(name, '?')}: field 'expert': {name!r} is not an expert of "
+                              f"{merged} (experts: {', '.join(experts)})")
+    missing = [e for e in experts if e not in examples]
+    try:
+        router = train_router(examples)
+    except ImportError as e:
+        raise RuntimeError(f"training a router needs scikit-learn: {e}") from None
+
+    # Write beside the target, check that it loads, then swap it in.
+    new = target.with_name(f".{target.name}.new-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        router.save(new)
+        Router.load(new, experts=experts)
+        if target.exists():
+            target.rename(old)
+        new.rename(target)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+    texts = [t for n in examples for t in examples[n]]
+    labels = [n for n in examples for _ in examples[n]]
+    pred = router.predict(texts)
+    right = sum(p == y for p, y in zip(pred, labels))
+    print(f"wrote {target}: {len(texts)} examples, training accuracy {right / len(texts):.3f}")
+    for n in router.experts:
+        idx = [i for i, y in enumerate(labels) if y == n]
+        ok = sum(pred[i] == n for i in idx)
+        print(f"  {n}: {len(idx)} examples, {ok / len(idx):.3f} routed back to it")
+    if missing:
+        print(f"note: no examples for {', '.join(missing)}: model 'auto' never picks "
+              f"{'it' if len(missing) == 1 else 'them'}")
+    return 0
+
+
+def _router_predict(args: argparse.Namespace) -> int:
+    from vllm_channelmerge.router import Router, router_dir
+    from vllm_channelmerge.serving import experts_from_dir
+
+    experts = experts_from_dir(args.dir)
+    router = Router.load(router_dir(args.dir), experts=experts)
+    for name in router.predict(list(args.text)):
+        print(name)
+    return 0
+
+
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         from vllm_channelmerge import serve
@@ -115,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tied", action="store_true", help="tie the embeddings")
     s.add_argument("--force", action="store_true")
     s.set_defaults(fn=_make_synthetic)
+
+    r = sub.add_parser("router", help="train or query the `auto` router stored in a merged checkpoint")
+    rsub = r.add_subparsers(dest="router_cmd", required=True)
+    rt = rsub.add_parser("train", help="train the router from example prompts per expert (writes DIR/router/)")
+    rt.add_argument("dir", help="merged checkpoint")
+    rt.add_argument("examples", help='JSON lines: {"expert": NAME, "prompt": TEXT} or {"expert": NAME, "messages": [...]}')
+    rt.add_argument("--force", action="store_true", help="replace an existing router")
+    rt.set_defaults(fn=_router_train)
+    rp = rsub.add_parser("predict", help="print the expert the router picks for each text")
+    rp.add_argument("dir", help="merged checkpoint with a router")
+    rp.add_argument("text", nargs="+")
+    rp.set_defaults(fn=_router_predict)
 
     v = sub.add_parser("serve", help="serve a merged checkpoint with vLLM (other args go to vLLM)")
     v.add_argument("dir")

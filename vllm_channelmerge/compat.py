@@ -527,13 +527,14 @@ def update_vllm_config(vllm_config: Any) -> None:
 
     install_request_salt_hook()
 
-    try:  # let the HTTP middleware of this process know the names
-        from vllm_channelmerge import serving
+    # Let the HTTP middleware of this process know the names and the `auto` router (from
+    # the checkpoint's router/ directory). A bad router directory fails here, at start-up,
+    # with a message naming the file.
+    from vllm_channelmerge import serving
 
-        if serving.REGISTRY.experts is None:
-            serving.configure(experts, model_dir=str(mc.model))
-    except Exception as e:  # pragma: no cover - serving is optional
-        log.debug("channelmerge: middleware not configured: %s", e)
+    if serving.REGISTRY.experts is None:
+        router = serving.load_router(mc.model, experts)
+        serving.configure(experts, model_dir=str(mc.model), router=router)
 
 
 def install_config_hooks(architectures: Iterable[str]) -> None:

@@ -39,7 +39,10 @@ def build_command(model_dir: str, extra: Sequence[str], python: Optional[str] = 
     except json.JSONDecodeError as e:
         raise fmt.FormatError(f"{cfg_path}: not valid JSON: {e}") from None
     qc = fmt.read_quant_config(cfg, str(cfg_path))
-    del qc  # validated: fail here, before vLLM starts, on a bad config
+    # Validated: fail here, before vLLM starts, on a bad config or a bad `auto` router.
+    from vllm_channelmerge.serving import load_router
+
+    load_router(model_dir, qc.experts)
     cmd = [python or sys.executable, "-m", SERVER_MODULE, "--model", str(model_dir)]
     if not _has(extra, "--middleware") and not _auto_middleware_available():
         cmd += ["--middleware", MIDDLEWARE]

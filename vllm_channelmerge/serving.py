@@ -6,14 +6,15 @@ adds the flag). For every generation request it
 
 1. resolves the body's ``model`` to an expert name (:func:`resolve_model`; unknown names,
    and ``auto`` while no router is installed, get a 404 in OpenAI's error shape listing the
-   valid names);
+   valid names); ``auto`` asks the router (:func:`set_router`, or ``router/`` of the model
+   directory, loaded by :func:`load_router`) which expert reads the prompt;
 2. sets ``vllm_xargs.expert`` (vLLM copies it to ``SamplingParams.extra_args["expert"]``,
    which the worker turns into per-token expert ids) and a per-expert ``cache_salt``
    (combined with the client's own salt), so prefix caching never hands one expert's KV
    blocks to another;
 3. removes ``model`` from the body, so vLLM's own name check accepts it whatever
    ``--served-model-name`` says, and rewrites ``model`` in the response (JSON and every
-   SSE chunk) to the expert's name;
+   SSE chunk) to the expert's name, and adds the header ``x-channelmerge-expert: <name>``;
 
 and it answers ``GET /v1/models`` (and ``/v1/models/{name}``) with one entry per expert.
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "CHANNELMERGE_MODEL_DIR"
 EXPERT_XARG = "expert"
+EXPERT_HEADER = b"x-channelmerge-expert"  # response header: the expert that answered
 SALT_PREFIX = "channelmerge-expert:"
 
 # Endpoints whose body is a generation request (model + vllm_xargs + cache_salt).
@@ -74,8 +76,11 @@ class _Registry:
                     "channelmerge middleware: no expert names known; set "
                     f"{MODEL_DIR_ENV} to the merged checkpoint directory or use `channelmerge serve`"
                 )
-            self.experts = experts_from_dir(d)
-            self.model_dir = d
+            experts = experts_from_dir(d)
+            router = load_router(d, experts)
+            self.experts, self.model_dir = experts, d
+            if router is not None and self.router is None:
+                self.router = router
         return self.experts
 
 
@@ -83,7 +88,7 @@ REGISTRY = _Registry()
 
 
 def configure(experts: list[str], model_dir: Optional[str] = None, router: Optional[Router] = None) -> None:
-    """Set the served experts (and, later, the `auto` router) of this process."""
+    """Set the served experts (and the `auto` router, if any) of this process."""
     REGISTRY.experts = fmt.validate_expert_names(list(experts))
     REGISTRY.model_dir = model_dir
     if router is not None:
@@ -93,6 +98,22 @@ def configure(experts: list[str], model_dir: Optional[str] = None, router: Optio
 def set_router(router: Optional[Router]) -> None:
     """Install the `auto` router: a function from the request body to an expert name."""
     REGISTRY.router = router
+
+
+def load_router(model_dir: str | os.PathLike, experts: list[str]) -> Optional[Router]:
+    """The `auto` router stored in ``model_dir/router/``, or None when there is none.
+
+    Raises ``router.RouterError`` (naming the file) for a router directory that cannot be
+    read, or one that can pick an expert the checkpoint does not have.
+    """
+    d = Path(model_dir) / fmt.ROUTER_DIR
+    if not d.exists():
+        return None
+    from vllm_channelmerge.router import Router as _TrainedRouter
+
+    r = _TrainedRouter.load(d, experts=experts)
+    log.info("channelmerge: model 'auto' routes by %s (experts %s)", d, ", ".join(r.experts))
+    return r
 
 
 def experts_from_dir(model_dir: str | os.PathLike) -> list[str]:
@@ -208,7 +229,9 @@ class _ResponseRewriter:
     async def __call__(self, message: dict) -> None:
         t = message["type"]
         if t == "http.response.start":
-            headers = list(message.get("headers", []))
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != EXPERT_HEADER]
+            headers.append((EXPERT_HEADER, self.expert.encode()))
+            message = {**message, "headers": headers}
             ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"").lower()
             if ctype.startswith(b"application/json"):
                 self.mode = "json"

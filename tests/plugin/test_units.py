@@ -224,11 +224,13 @@ def test_middleware_sets_expert_and_salt(routed):
     out = json.loads(payload)
     assert out["model"] == "code"
     assert int(headers[b"content-length"]) == len(payload)
+    assert headers[serving.EXPERT_HEADER] == b"code"
 
 
 def test_middleware_rewrites_stream(routed):
     mw, _ = routed
-    st, _, payload = _call(mw, "POST", "/v1/completions", {"model": "chat", "prompt": "x", "stream": True})
+    st, headers, payload = _call(mw, "POST", "/v1/completions", {"model": "chat", "prompt": "x", "stream": True})
+    assert headers[serving.EXPERT_HEADER] == b"chat"
     events = [e for e in payload.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert [json.loads(e[len("data: "):])["model"] for e in events[:-1]] == ["chat", "chat"]
@@ -248,8 +250,9 @@ def test_middleware_unknown_and_auto_are_404(routed):
 def test_middleware_router_hook(routed):
     mw, inner = routed
     serving.set_router(lambda body: "chat" if "hi" in str(body.get("prompt")) else "math")
-    st, _, payload = _call(mw, "POST", "/v1/completions", {"model": "auto", "prompt": "hi"})
+    st, headers, payload = _call(mw, "POST", "/v1/completions", {"model": "auto", "prompt": "hi"})
     assert st == 200 and inner.bodies[-1]["vllm_xargs"]["expert"] == "chat"
+    assert headers[serving.EXPERT_HEADER] == b"chat"
     assert json.loads(payload)["model"] == "chat"
     st, _, payload = _call(mw, "GET", "/v1/models")
     assert [m["id"] for m in json.loads(payload)["data"]] == EXPERTS + ["auto"]

@@ -1,0 +1,132 @@
+"""`channelmerge router train/predict`, and the `auto` router as serving loads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from merge_tool.cli import main
+from vllm_channelmerge import format as fmt
+from vllm_channelmerge import serving
+from vllm_channelmerge.router import Router, router_dir
+
+EXPERTS = ["math", "code", "chat"]
+WORDS = {
+    "math": ["add", "plus", "sum", "seven", "nine", "number", "total", "minus"],
+    "code": ["python", "function", "def", "return", "list", "loop", "variable", "class"],
+    "chat": ["hello", "friend", "weather", "today", "feel", "thanks", "nice", "morning"],
+}
+
+
+def examples_rows(n: int = 12) -> list[dict]:
+    """Separable synthetic prompts: each expert's own words (also used by the server tests)."""
+    rows = []
+    for e, words in WORDS.items():
+        for i in range(n):
+            ws = [words[(i + k) % len(words)] for k in range(4)]
+            rows.append({"expert": e, "prompt": "please " + " ".join(ws)})
+    rows.append({"expert": "chat", "messages": [{"role": "system", "content": "be nice"},
+                                                {"role": "user", "content": "hello friend good morning"}]})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def merged_config_dir(d, experts=EXPERTS):
+    d.mkdir(parents=True, exist_ok=True)
+    qc = fmt.ChannelMergedConfig(experts=list(experts), num_groups=2).to_dict()
+    (d / fmt.CONFIG_FILE).write_text(json.dumps({"architectures": ["ChannelMergedLlamaForCausalLM"],
+                                                 "quantization_config": qc}))
+    return d
+
+
+def test_router_train_and_predict(tmp_path, capsys):
+    d = merged_config_dir(tmp_path / "m")
+    ex = write_jsonl(tmp_path / "ex.jsonl", examples_rows())
+    assert main(["router", "train", str(d), ex]) == 0
+    out = capsys.readouterr().out
+    assert "training accuracy 1.000" in out and "math: 12 examples" in out and "chat: 13 examples" in out
+    assert sorted(p.name for p in router_dir(d).iterdir()) == ["router.json", "vocab.json", "weights.safetensors"]
+    assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    assert main(["router", "predict", str(d), "please add seven plus nine", "def python function",
+                 "hello friend"]) == 0
+    assert capsys.readouterr().out.split() == ["math", "code", "chat"]
+    # the serving side loads it
+    r = serving.load_router(d, EXPERTS)
+    assert r.route_request({"messages": [{"role": "user", "content": "python loop"}]}) == "code"
+    assert serving.load_router(tmp_path / "nothing", EXPERTS) is None
+
+
+def test_router_train_errors(tmp_path, capsys):
+    d = merged_config_dir(tmp_path / "m")
+    rows = examples_rows(3)
+    rows.insert(5, {"expert": "poetry", "prompt": "roses are red"})
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert main(["router", "train", str(d), bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("channelmerge: error: ") and f"{bad}:6:" in err and "'poetry'" in err
+    assert "math, code, chat" in err and not router_dir(d).exists()
+
+    assert main(["router", "train", str(d), str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: examples file not found" in capsys.readouterr().err
+
+    (tmp_path / "broken.jsonl").write_text('{"expert": "math", "prompt": "1+1"}\n{oops\n')
+    assert main(["router", "train", str(d), str(tmp_path / "broken.jsonl")]) == 2
+    assert "broken.jsonl:2: not valid JSON" in capsys.readouterr().err
+
+    assert main(["router", "train", str(tmp_path / "nomodel"), bad]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+    good = write_jsonl(tmp_path / "ex.jsonl", examples_rows())
+    assert main(["router", "train", str(d), good]) == 0
+    before = (router_dir(d) / "weights.safetensors").read_bytes()
+    assert main(["router", "train", str(d), write_jsonl(tmp_path / "two.jsonl", examples_rows()[:24])]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (router_dir(d) / "weights.safetensors").read_bytes() == before
+    assert main(["router", "train", str(d), str(tmp_path / "two.jsonl"), "--force"]) == 0
+    assert "no examples for chat" in capsys.readouterr().out
+    assert Router.load(router_dir(d)).experts == ["code", "math"]
+
+    assert main(["router", "predict", str(tmp_path / "m2"), "x"]) == 2  # no checkpoint
+    capsys.readouterr()
+    d3 = merged_config_dir(tmp_path / "m3")
+    assert main(["router", "predict", str(d3), "x"]) == 2
+    assert "router directory not found" in capsys.readouterr().err
+
+
+def test_bad_router_fails_at_startup_naming_the_file(tmp_path):
+    from vllm_channelmerge import serve
+
+    d = merged_config_dir(tmp_path / "m")
+    assert main(["router", "train", str(d), write_jsonl(tmp_path / "ex.jsonl", examples_rows())]) == 0
+    serve.build_command(str(d), [], python="py")  # a good router passes
+    (router_dir(d) / "vocab.json").write_text("{not json")
+    with pytest.raises(fmt.FormatError, match="vocab.json"):
+        serve.build_command(str(d), [], python="py")
+    with pytest.raises(fmt.FormatError, match="vocab.json"):
+        serving.load_router(d, EXPERTS)
+    # a router that can pick an expert the checkpoint lacks
+    d2 = merged_config_dir(tmp_path / "m2", ["math", "code"])
+    assert main(["router", "train", str(d), write_jsonl(tmp_path / "ex.jsonl", examples_rows()), "--force"]) == 0
+    import shutil
+
+    shutil.copytree(router_dir(d), router_dir(d2))
+    with pytest.raises(fmt.FormatError, match="router.json.*'chat' is not an expert"):
+        serving.load_router(d2, ["math", "code"])
+
+
+def test_registry_fallback_loads_router(tmp_path, monkeypatch):
+    d = merged_config_dir(tmp_path / "m")
+    assert main(["router", "train", str(d), write_jsonl(tmp_path / "ex.jsonl", examples_rows())]) == 0
+    saved = (serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router)
+    serving.REGISTRY.experts = serving.REGISTRY.router = None
+    monkeypatch.setenv(serving.MODEL_DIR_ENV, str(d))
+    try:
+        assert serving.served_names() == EXPERTS + ["auto"]
+        assert serving.resolve_model("auto", {"prompt": "sum of nine plus seven"}) == "math"
+    finally:
+        serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
