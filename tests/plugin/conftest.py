@@ -98,11 +98,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Example prompts for the `auto` router of the test checkpoint: each expert its own words.
+ROUTER_WORDS = {
+    "math": ["add", "plus", "sum", "seven", "nine", "number", "total", "minus"],
+    "code": ["python", "function", "def", "return", "list", "print", "loop", "variable"],
+    "chat": ["hello", "friend", "weather", "today", "feel", "thanks", "nice", "morning"],
+}
+
+
+def train_test_router(merged: Path, tmp: Path) -> None:
+    """`channelmerge router train` on separable synthetic prompts (writes merged/router/)."""
+    from merge_tool.cli import main
+
+    rows = [{"expert": e, "prompt": " ".join(ws[(i + k) % len(ws)] for k in range(4))}
+            for e, ws in ROUTER_WORDS.items() for i in range(8)]
+    path = tmp / "router_examples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if main(["router", "train", str(merged), str(path), "--force"]) != 0:
+        raise AssertionError("channelmerge router train failed")
+
+
 @pytest.fixture(scope="session")
 def server(merged_family, vllm_env, tmp_path_factory):
-    """`channelmerge serve DIR` (no channelmerge flag), as a real process."""
+    """`channelmerge serve DIR` (no channelmerge flag), as a real process, with an `auto`
+    router trained on the checkpoint first."""
     import requests
 
+    train_test_router(merged_family["merged"], tmp_path_factory.mktemp("router"))
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "merge_tool.cli", "serve",  # = `channelmerge serve DIR ...`

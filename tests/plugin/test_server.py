@@ -25,8 +25,8 @@ def _complete(client, expert, prompt_idx):
     return r
 
 
-def test_models_lists_every_expert(client):
-    assert [m.id for m in client.models.list().data] == EXPERTS
+def test_models_lists_every_expert_and_auto(client):
+    assert [m.id for m in client.models.list().data] == EXPERTS + ["auto"]
 
 
 @pytest.mark.parametrize("expert", EXPERTS)
@@ -55,13 +55,41 @@ def test_chat_and_streaming(client):
 
 
 def test_unknown_model_is_404_listing_names(client):
+    """(`auto` without a router is a 404 too: see test_units, this server has a router.)"""
     import openai
 
-    for name in ("no-such-expert", "auto"):
-        with pytest.raises(openai.NotFoundError) as ei:
-            client.completions.create(model=name, prompt="x", max_tokens=2)
-        msg = str(ei.value)
-        assert all(e in msg for e in EXPERTS), msg
+    with pytest.raises(openai.NotFoundError) as ei:
+        client.completions.create(model="no-such-expert", prompt="x", max_tokens=2)
+    msg = str(ei.value)
+    assert all(e in msg for e in EXPERTS + ["auto"]), msg
+
+
+def test_auto_chat_is_routed_by_the_last_user_message(client):
+    msgs = [{"role": "user", "content": "please add seven plus nine"},
+            {"role": "assistant", "content": "sixteen"},
+            {"role": "user", "content": "hello friend, nice weather today"}]
+    kw = dict(messages=msgs, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    raw = client.chat.completions.with_raw_response.create(model="auto", **kw)
+    assert raw.headers["x-channelmerge-expert"] == "chat"
+    r = raw.parse()
+    assert r.model == "chat"
+    direct = client.chat.completions.with_raw_response.create(model="chat", **kw)
+    assert direct.headers["x-channelmerge-expert"] == "chat"
+    assert r.choices[0].message.content == direct.parse().choices[0].message.content
+    other = client.chat.completions.create(model="math", **kw)
+    assert other.choices[0].message.content != r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="auto", stream=True, **kw))
+    assert chunks and all(c.model == "chat" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+
+
+def test_auto_completion_is_routed_by_the_prompt(client, plugin_run):
+    raw = client.completions.with_raw_response.create(model="auto", prompt=PROMPTS[3], max_tokens=MAX_TOKENS,
+                                                      temperature=0, extra_body={"ignore_eos": True})
+    assert raw.headers["x-channelmerge-expert"] == "code"
+    r = raw.parse()
+    assert r.model == "code"
+    assert r.choices[0].text == _complete(client, "code", 3).choices[0].text == plugin_run["single"]["code"][3]["text"]
 
 
 def test_concurrent_mixed_requests(client, plugin_run):
