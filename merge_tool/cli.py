@@ -22,6 +22,8 @@ def _merge(args: argparse.Namespace) -> int:
     from merge_tool.merge import run_merge
 
     cfg = load_config(args.config)
+    if cfg.router is not None:  # check the examples before the (long) merge
+        _read_router_examples(Path(cfg.router.examples), cfg.expert_names)
     out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet,
                     threads=args.threads or None)
     info = inspect_checkpoint(out)
@@ -33,6 +35,8 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"note: {n}")
     if args.verbose:
         print(format_table(info))
+    if cfg.router is not None:
+        _train_router_into(Path(out), Path(cfg.router.examples), force=True)
     return 0
 
 
@@ -84,26 +88,37 @@ def _examples_label_lines(path: Path) -> dict[str, int]:
     return first
 
 
-def _router_train(args: argparse.Namespace) -> int:
-    import os
-    import shutil
+def _read_router_examples(path: Path, experts: list[str]) -> dict[str, list[str]]:
+    """The examples file, every label checked against `experts` (errors name file and line)."""
+    from vllm_channelmerge.router import RouterError, load_examples_jsonl
 
-    from vllm_channelmerge.router import Router, RouterError, load_examples_jsonl, router_dir, train_router
-    from vllm_channelmerge.serving import experts_from_dir
-
-    merged, path = Path(args.dir), Path(args.examples)
-    experts = experts_from_dir(merged)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: examples file not found")
-    target = router_dir(merged)
-    if target.exists() and not args.force:
-        raise FileExistsError(f"{target} already exists; pass --force to replace it")
     examples = load_examples_jsonl(path)
     lines = _examples_label_lines(path)
     for name in examples:
         if name not in experts:
-            raise RouterError(f"{path}:{lines.get(name, '?')}: field 'expert': {name!r} is not an expert of "
-                              f"{merged} (experts: {', '.join(experts)})")
+            raise RouterError(f"{path}:{lines.get(name, '?')}: field 'expert': {name!r} is not an expert "
+                              f"of the checkpoint (experts: {', '.join(experts)})")
+    return examples
+
+
+def _router_train(args: argparse.Namespace) -> int:
+    return _train_router_into(Path(args.dir), Path(args.examples), force=args.force)
+
+
+def _train_router_into(merged: Path, path: Path, force: bool) -> int:
+    import os
+    import shutil
+
+    from vllm_channelmerge.router import Router, router_dir, train_router
+    from vllm_channelmerge.serving import experts_from_dir
+
+    experts = experts_from_dir(merged)
+    target = router_dir(merged)
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    examples = _read_router_examples(path, experts)
     missing = [e for e in experts if e not in examples]
     try:
         router = train_router(examples)

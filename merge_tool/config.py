@@ -95,6 +95,14 @@ class MethodParams(BaseModel):
 _PARAM_KEYS = ("scale", "lambda", "density", "seed", "normalize")
 
 
+class RouterSpec(BaseModel):
+    """Optional `router:` section: `channelmerge merge` then trains the `auto` router."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: str = Field(description="JSON-lines file of example prompts per expert")
+
+
 class MergeConfig(BaseModel):
     """Everything a merge needs; written back into the checkpoint as `channelmerge.yaml`."""
 
@@ -119,6 +127,8 @@ class MergeConfig(BaseModel):
     block_rows: int = Field(4096, description="output channels processed at once (memory bound)")
     kmeans_threshold: int = Field(
         4096, description="enumerate partitions exactly when there are at most this many")
+    router: RouterSpec | None = Field(
+        None, description="train the `auto` router after the merge (`channelmerge merge` only)")
 
     @model_validator(mode="before")
     @classmethod
@@ -207,10 +217,13 @@ class MergeConfig(BaseModel):
         def res(p: str) -> str:
             pp = Path(p).expanduser()
             return str(pp if pp.is_absolute() else (base_dir / pp).resolve())
-        return self.model_copy(update={
+        update: dict[str, Any] = {
             "base_model": res(self.base_model),
             "experts": [ExpertSpec(name=e.name, model=res(e.model)) for e in self.experts],
-        })
+        }
+        if self.router is not None:
+            update["router"] = RouterSpec(examples=res(self.router.examples))
+        return self.model_copy(update=update)
 
 
 def _match(pattern: str, tensor_name: str) -> bool:
@@ -242,6 +255,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 msg += f"; allowed fields: {', '.join(MethodParams.model_fields)} (or lambda)"
             elif e["loc"][0] == "experts":
                 msg += "; allowed fields: name, model"
+            elif e["loc"][0] == "router":
+                msg += "; allowed fields: examples"
         elif e["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"{source}: {loc}: {msg}")
@@ -272,4 +287,7 @@ def load_config(path: str | Path) -> MergeConfig:
 
 def dump_config(cfg: MergeConfig) -> str:
     """YAML text of a config (what is written as `channelmerge.yaml`)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    data = cfg.model_dump(mode="json")
+    if data.get("router") is None:
+        data.pop("router", None)  # optional section: absent when unused
+    return yaml.safe_dump(data, sort_keys=False)

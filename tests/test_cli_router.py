@@ -130,3 +130,33 @@ def test_registry_fallback_loads_router(tmp_path, monkeypatch):
         assert serving.resolve_model("auto", {"prompt": "sum of nine plus seven"}) == "math"
     finally:
         serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
+
+
+def test_merge_config_router_section(tmp_path, capsys):
+    import yaml
+
+    root = tmp_path / "syn"
+    assert main(["make-synthetic", str(root), "--experts", "math", "code", "chat"]) == 0
+    cfg = yaml.safe_load((root / "merge.yaml").read_text())
+    rows = examples_rows(4)
+    write_jsonl(root / "bad.jsonl", rows + [{"expert": "poetry", "prompt": "roses"}])
+    (root / "bad.yaml").write_text(yaml.safe_dump({**cfg, "router": {"examples": "bad.jsonl"}}))
+    out = tmp_path / "merged"
+    assert main(["merge", str(root / "bad.yaml"), str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:14:" in err and "'poetry'" in err and not out.exists()  # refused before merging
+    (root / "typo.yaml").write_text(yaml.safe_dump({**cfg, "router": {"example": "x.jsonl"}}))
+    assert main(["merge", str(root / "typo.yaml"), str(out), "-q"]) == 2
+    assert "router.example: unknown field; allowed fields: examples" in capsys.readouterr().err
+
+    write_jsonl(root / "ex.jsonl", rows)
+    (root / "merge.yaml").write_text(yaml.safe_dump({**cfg, "router": {"examples": "ex.jsonl"}}))
+    assert main(["merge", str(root / "merge.yaml"), str(out), "-q"]) == 0
+    assert f"wrote {router_dir(out)}" in capsys.readouterr().out
+    assert Router.load(router_dir(out), EXPERTS).predict(["python def loop"]) == ["code"]
+    assert yaml.safe_load((out / "channelmerge.yaml").read_text())["router"]["examples"] == str(root / "ex.jsonl")
+    # without the section, the stored config has no `router` key
+    (root / "plain.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["merge", str(root / "plain.yaml"), str(tmp_path / "plain"), "-q"]) == 0
+    assert "router" not in yaml.safe_load((tmp_path / "plain" / "channelmerge.yaml").read_text())
+    assert not router_dir(tmp_path / "plain").exists()
