@@ -394,3 +394,28 @@ def test_http_hook_adds_middleware_inside_vllms(monkeypatch):
         assert app.added == []
     finally:
         serving.REGISTRY.experts = saved
+
+
+def test_config_hook_installs_the_router_of_the_model_dir(tmp_path):
+    pytest.importorskip("vllm")
+    from merge_tool.cli import main
+    from vllm_channelmerge.router import RouterError
+
+    d = _merged_config_dir(tmp_path)
+    rows = [{"expert": e, "prompt": f"{w} {w} please"} for e, w in zip(EXPERTS, ("sum", "python", "hello"))]
+    (tmp_path / "ex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    assert main(["router", "train", str(d), str(tmp_path / "ex.jsonl")]) == 0
+    saved = (serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router)
+    serving.REGISTRY.experts = serving.REGISTRY.router = None
+    try:
+        cfg = _fake_vllm_config()
+        cfg.model_config.model = str(d)
+        compat.update_vllm_config(cfg)
+        assert serving.served_names() == EXPERTS + ["auto"]
+        assert serving.resolve_model("auto", {"messages": [{"role": "user", "content": "python"}]}) == "code"
+        serving.REGISTRY.experts = serving.REGISTRY.router = None
+        (d / "router" / "weights.safetensors").write_bytes(b"junk")
+        with pytest.raises(RouterError, match="weights.safetensors"):
+            compat.update_vllm_config(cfg)
+    finally:
+        serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
