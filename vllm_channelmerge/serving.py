@@ -16,9 +16,10 @@ adds the flag). For every generation request it
    ``--served-model-name`` says, and rewrites ``model`` in the response (JSON and every
    SSE chunk) to the expert's name, and adds the header ``x-channelmerge-expert: <name>``;
 
-and it answers ``GET /v1/models`` (and ``/v1/models/{name}``) with one entry per expert.
+and it answers ``GET /v1/models`` (and ``/v1/models/{name}``) with one entry per expert,
+plus ``auto`` when a router is installed.
 
-Where the expert names come from, first match wins: :func:`configure` (called by the
+Where the expert names (and the router, ``router/`` beside them) come from, first match wins: :func:`configure` (called by the
 plugin's config hook when the server process builds its vLLM config, and by tests), the
 ``CHANNELMERGE_MODEL_DIR`` environment variable (set by ``channelmerge serve``), or the
 ``--model`` argument of the server's command line.
