@@ -144,7 +144,7 @@ def servers(cmds: list[list[str]], ports: list[int], logs: list[Path]) -> Iterat
     try:
         for cmd, lp in zip(cmds, logs):
             log.info("starting: %s", " ".join(cmd))
-            procs.append(subprocess.Popen(cmd, env=server_env("nobind"), stdout=lp.open("w"),
+            procs.append(subprocess.Popen(cmd, env=server_env("auto"), stdout=lp.open("w"),
                                           stderr=subprocess.STDOUT))
         for port, p in zip(ports, procs):
             wait_ready(port, p)
