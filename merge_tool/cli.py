@@ -108,9 +108,7 @@ def _router_train(args: argparse.Namespace) -> int:
 
 
 def _train_router_into(merged: Path, path: Path, force: bool) -> int:
-    import os
-    import shutil
-
+    from merge_tool.io import staged_dir
     from vllm_channelmerge.router import Router, router_dir, train_router
     from vllm_channelmerge.serving import experts_from_dir
 
@@ -125,19 +123,10 @@ def _train_router_into(merged: Path, path: Path, force: bool) -> int:
     except ImportError as e:
         raise RuntimeError(f"training a router needs scikit-learn: {e}") from None
 
-    # Write beside the target, check that it loads, then swap it in.
-    new = target.with_name(f".{target.name}.new-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(new, ignore_errors=True)
-    try:
-        router.save(new)
-        Router.load(new, experts=experts)
-        if target.exists():
-            target.rename(old)
-        new.rename(target)
-    finally:
-        shutil.rmtree(new, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    # Write beside the target and check that it loads before it replaces the old one.
+    with staged_dir(target) as tmp:
+        router.save(tmp)
+        Router.load(tmp, experts=experts)
 
     texts = [t for n in examples for t in examples[n]]
     labels = [n for n in examples for _ in examples[n]]

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from merge_tool import fold as foldmod
 from merge_tool.io import (ModelReader, PlannedTensor, StreamingShardWriter,
-                           copy_tokenizer_files, fsync_dir)
-from merge_tool.merge import _replace_dir
+                           copy_tokenizer_files, staged_dir)
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
@@ -93,27 +90,21 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
         planned = [p for p in planned if p.name != foldmod.LM_HEAD]
     cfg["tie_word_embeddings"] = was_tied and foldmod.FINAL_NORM not in folded
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    writer: Optional[StreamingShardWriter] = None
     try:
-        writer = StreamingShardWriter(tmp, planned, max_shard_size)
-        for p in planned:
-            writer.write(p.name, _dense(reader, p.name, e, targets, norms, unfold_ok))
-        writer.close()
-        (tmp / fmt.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
-        copy_tokenizer_files(src, tmp)
-        (tmp / fmt.MODEL_CARD_FILE).write_text(
-            f"# Expert `{name}`\n\nExtracted with `channelmerge extract` from the channel-merged "
-            f"checkpoint `{src}` (K={qc.num_groups}, method `{qc.method}`). A plain "
-            f"`{qc.base_architecture}` checkpoint.\n")
-        fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out) as tmp:
+            writer = StreamingShardWriter(tmp, planned, max_shard_size)
+            try:
+                for p in planned:
+                    writer.write(p.name, _dense(reader, p.name, e, targets, norms, unfold_ok))
+                writer.close()
+            finally:
+                writer.abort()
+            (tmp / fmt.CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+            copy_tokenizer_files(src, tmp)
+            (tmp / fmt.MODEL_CARD_FILE).write_text(
+                f"# Expert `{name}`\n\nExtracted with `channelmerge extract` from the channel-merged "
+                f"checkpoint `{src}` (K={qc.num_groups}, method `{qc.method}`). A plain "
+                f"`{qc.base_architecture}` checkpoint.\n")
     finally:
         reader.close()
     return out

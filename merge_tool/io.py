@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import torch
 
@@ -391,3 +394,35 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Atomic-ish publish: the target is either the old folder or the complete new one."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        tmp.rename(out)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, published as `out` only if the block succeeds.
+
+    On any error (Ctrl-C included) the temporary folder is removed and `out` is untouched,
+    so no half-written output is ever left behind.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +23,7 @@ from tqdm import tqdm
 from merge_tool import clustering, fold as foldmod, methods
 from merge_tool.config import ConfigError, MergeConfig, dump_config
 from merge_tool.io import (InputError, ModelReader, PlannedTensor, StreamingShardWriter,
-                           check_compatible, copy_tokenizer_files, fsync_dir)
+                           check_compatible, copy_tokenizer_files, staged_dir)
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
@@ -476,26 +473,20 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
         log.warning("norms merged across experts (not folded): %s (%s)", ", ".join(fp.merged_norms), fp.reason)
     jobs = plan_jobs(config, base, fp)
     planned = _planned_outputs(jobs, len(experts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    writer: Optional[StreamingShardWriter] = None
     try:
-        writer = StreamingShardWriter(tmp, planned, config.shard_bytes,
-                                      metadata={"channelmerge_format_version": str(fmt.FORMAT_VERSION)})
-        merger = _Merger(config, base, experts, dev, fp)
-        stats = MergeStats()
-        with torch.no_grad():
-            for job in tqdm(jobs, desc="merging", unit="tensor", disable=not progress):
-                getattr(merger, job.kind)(job, writer, stats)
-        writer.close()
-        _write_metadata(tmp, config, base, experts, fp, jobs, stats, planned, time.perf_counter() - t0)
-        fsync_dir(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out) as tmp:
+            writer = StreamingShardWriter(tmp, planned, config.shard_bytes,
+                                          metadata={"channelmerge_format_version": str(fmt.FORMAT_VERSION)})
+            try:
+                merger = _Merger(config, base, experts, dev, fp)
+                stats = MergeStats()
+                with torch.no_grad():
+                    for job in tqdm(jobs, desc="merging", unit="tensor", disable=not progress):
+                        getattr(merger, job.kind)(job, writer, stats)
+                writer.close()
+            finally:
+                writer.abort()
+            _write_metadata(tmp, config, base, experts, fp, jobs, stats, planned, time.perf_counter() - t0)
     finally:
         base.close()
         for e in experts:
@@ -541,17 +532,3 @@ def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: lis
     copy_tokenizer_files(base.path, tmp)
     (tmp / fmt.MERGE_CONFIG_FILE).write_text(dump_config(cfg))
     (tmp / fmt.MODEL_CARD_FILE).write_text(_model_card(cfg, report))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Atomic-ish publish: the target is either the old folder or the complete new one."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-    else:
-        tmp.rename(out)

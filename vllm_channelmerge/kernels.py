@@ -482,10 +482,9 @@ def all_groups(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.
 
     Reads the weights once; K x the FLOPs and output of a dense layer. Best for decode.
     """
-    k, out = state.num_groups, state.out_features
     x2 = _flat2d(x, state)
     y_all = F.linear(x2, state.weight_flat, state.bias_flat)  # [T, K*out], bias folded in
-    if k == 1:
+    if state.num_groups == 1:
         return y_all
     sel = state.flat_index.index_select(0, batch.expert_ids)  # [T, out] rows of y_all
     return y_all.gather(1, sel)
