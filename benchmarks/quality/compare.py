@@ -1,0 +1,396 @@
+"""Quality comparison through the real serving path: experts, ensemble, channel merges,
+classic single-model merges, base and the `auto` router, on every task's test split.
+
+For each system it builds what is needed under ``work/quality/`` (merged checkpoints with
+``merge_tool``; the router with ``channelmerge router train`` from router_eval's training
+prompts), starts one server (``channelmerge serve`` for merged checkpoints, stock vLLM for
+an expert alone and the base), scores the test split through the ``openai`` client (greedy,
+concurrent requests so that the engine batches them), stops the server, and merges the
+numbers into ``results.json`` (systems measured before are kept), then rewrites
+``RESULTS.md`` and the plot.
+
+System names:
+
+- ``channel_k{K}_{method}``: channel merging, K groups per channel, in-group ``method``
+  (average, task_arithmetic, ties, dare; default hyperparameters);
+- ``single_{method}``: the classic single-model merge (K=1 of the same tool);
+- ``auto_k{K}_{method}``: the ``channel_k{K}_{method}`` checkpoint with a router, model ``auto``;
+- ``expert_{task}``: one expert alone, stock vLLM, scored on its own task;
+- ``base``: the base model, stock vLLM;
+- ``ensemble`` is derived (not served): each task scored by its own expert (the four
+  ``expert_*`` rows), 4x the parameters (params ratio 1.0).
+
+    python -m benchmarks.quality.compare --systems channel_k2_average single_average
+    python -m benchmarks.quality.compare --report-only        # rewrite RESULTS.md + plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+from .base_model import BASE_DIR, EXPERTS_DIR
+from .evaluate import OpenAIGenerator, evaluate, machine_info
+from .tasks import TASKS
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+WORK = ROOT / "work" / "quality"
+RESULTS_JSON = HERE / "results.json"
+RESULTS_MD = HERE / "RESULTS.md"
+PLOT_PNG = HERE / "accuracy_vs_params.png"
+
+def _abs(p: Path) -> Path:
+    return (ROOT / p).resolve()
+
+
+DEFAULT_SYSTEMS = ["channel_k2_average", "single_average", "auto_k2_average", "channel_k2_ties",
+                   "channel_k3_average", *(f"expert_{t}" for t in TASKS), "base"]
+METHODS = ("average", "task_arithmetic", "ties", "dare")
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "64"]
+ROUTER_PROMPTS_PER_TASK = 300
+
+
+# ----------------------------------------------------------------------------- systems
+
+def parse_system(name: str) -> dict[str, Any]:
+    """What a system name means: kind, K, method, and how it is served."""
+    parts = name.split("_")
+    if name == "base":
+        return {"kind": "base", "num_groups": None, "method": None}
+    if parts[0] == "expert" and len(parts) == 2 and parts[1] in TASKS:
+        return {"kind": "expert", "num_groups": None, "method": None, "task": parts[1]}
+    if parts[0] == "single" and "_".join(parts[1:]) in METHODS:
+        return {"kind": "single_merge", "num_groups": 1, "method": "_".join(parts[1:])}
+    if parts[0] in ("channel", "auto") and len(parts) >= 3 and parts[1].startswith("k") \
+            and parts[1][1:].isdigit() and "_".join(parts[2:]) in METHODS:
+        k = int(parts[1][1:])
+        if not 1 <= k <= len(TASKS):
+            raise ValueError(f"{name}: K must be 1..{len(TASKS)}")
+        return {"kind": "channel" if parts[0] == "channel" else "auto", "num_groups": k,
+                "method": "_".join(parts[2:])}
+    raise ValueError(f"unknown system {name!r} (base, expert_<task>, single_<method>, "
+                     f"channel_k<K>_<method>, auto_k<K>_<method>; methods: {', '.join(METHODS)})")
+
+
+def merged_dir(spec: dict[str, Any]) -> Path:
+    k, m = spec["num_groups"], spec["method"]
+    return WORK / (f"single_{m}" if k == 1 else f"channel_k{k}_{m}")
+
+
+def build_merged(spec: dict[str, Any]) -> Path:
+    """Merged checkpoint for a channel / single-merge / auto system (reused when present)."""
+    from merge_tool.config import MergeConfig
+    from merge_tool.merge import run_merge
+
+    out = merged_dir(spec)
+    if out.exists():  # run_merge writes a staged folder and renames it when complete
+        return out
+    cfg = MergeConfig(base_model=str(_abs(BASE_DIR)),
+                      experts=[{"name": t, "model": str(_abs(EXPERTS_DIR / t))} for t in TASKS],
+                      num_groups=spec["num_groups"], method=spec["method"])
+    t0 = time.time()
+    run_merge(cfg, out, progress=False)
+    print(f"merged {out.name} in {time.time() - t0:.1f} s", flush=True)
+    return out
+
+
+def ensure_router(merged: Path) -> Path:
+    """Train the `auto` router into the checkpoint (channelmerge router train) unless present."""
+    from .router_eval import router_examples
+
+    if (merged / "router" / "router.json").exists():
+        return merged / "router"
+    ex = WORK / "router_examples.jsonl"
+    ex.parent.mkdir(parents=True, exist_ok=True)
+    with ex.open("w") as f:
+        for t, prompts in router_examples(ROUTER_PROMPTS_PER_TASK).items():
+            for p in prompts:
+                f.write(json.dumps({"expert": t, "prompt": p}) + "\n")
+    subprocess.run([str(Path(sys.executable).parent / "channelmerge"), "router", "train", str(merged), str(ex)],
+                   check=True)
+    return merged / "router"
+
+
+def params_ratio(spec: dict[str, Any], model_dir: Path) -> float:
+    if spec["kind"] in ("expert", "base"):
+        return 1.0 / len(TASKS)  # one model of the four
+    from merge_tool.inspect import inspect_checkpoint
+
+    return inspect_checkpoint(model_dir)["params_ratio"]
+
+
+# ----------------------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_cmd(spec: dict[str, Any], model_dir: Path, name: str, port: int) -> list[str]:
+    if spec["kind"] in ("expert", "base"):
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", name, "--port", str(port), *SERVER_ARGS]
+    return [str(Path(sys.executable).parent / "channelmerge"), "serve", str(model_dir),
+            "--port", str(port), *SERVER_ARGS]
+
+
+class Server:
+    """One vLLM server process group; always stopped on exit (also on error or Ctrl-C)."""
+
+    def __init__(self, cmd: list[str], port: int, log_path: Path):
+        self.cmd, self.port, self.log_path = cmd, port, log_path
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "Server":
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        print("starting:", " ".join(self.cmd), flush=True)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=ROOT)
+        t0 = time.time()
+        try:
+            self._wait_ready(timeout=900)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = round(time.time() - t0, 1)
+        print(f"ready in {self.start_seconds} s (log {self.log_path})", flush=True)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
+                return
+            except OSError:
+                time.sleep(2)
+        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        p = self.proc
+        if p is None or p.poll() is not None and not _group_alive(p.pid):
+            return
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                return
+            t0 = time.time()
+            while time.time() - t0 < wait:
+                p.poll()
+                if not _group_alive(p.pid):
+                    return
+                time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(name: str, concurrency: int, limit: Optional[int]) -> dict[str, Any]:
+    spec = parse_system(name)
+    if spec["kind"] == "expert":
+        model_dir, tasks, served = _abs(EXPERTS_DIR / spec["task"]), [spec["task"]], spec["task"]
+    elif spec["kind"] == "base":
+        model_dir, tasks, served = _abs(BASE_DIR), list(TASKS), "base"
+    else:
+        model_dir, tasks = build_merged(spec), list(TASKS)
+        if spec["kind"] == "auto":
+            ensure_router(model_dir)
+        served = None
+    port = free_port()
+    t0 = time.time()
+    entry: dict[str, Any] = {"kind": spec["kind"], "num_groups": spec["num_groups"], "method": spec["method"],
+                             "params_ratio": params_ratio(spec, model_dir), "accuracy": {}}
+    with Server(server_cmd(spec, model_dir, name, port), port, WORK / "logs" / f"{name}.log") as srv:
+        entry["server_start_seconds"] = srv.start_seconds
+        routed: dict[str, dict[str, int]] = {}
+        for t in tasks:
+            model = served or ("auto" if spec["kind"] == "auto" else t)
+            gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model, concurrency=concurrency)
+            res = evaluate(gen, [t], "test", limit, verbose=True)
+            entry["accuracy"][t] = res["accuracy"][t]
+            entry.setdefault("eval_seconds", {})[t] = res["seconds"][t]
+            entry.setdefault("samples", {})[t] = res["samples"][t][:2]
+            if spec["kind"] == "auto":
+                counts: dict[str, int] = {}
+                for m in gen.answered_by:
+                    counts[m] = counts.get(m, 0) + 1
+                routed[t] = counts
+        if routed:
+            entry["routed_to"] = routed
+            n = sum(sum(c.values()) for c in routed.values())
+            entry["routing_accuracy"] = sum(routed[t].get(t, 0) for t in routed) / n
+    entry["average"] = (sum(entry["accuracy"].values()) / len(entry["accuracy"])
+                        if len(entry["accuracy"]) == len(TASKS) else None)
+    if spec["kind"] == "expert":
+        entry["note"] = "scored on its own task only"
+    entry["model_dir"] = str(model_dir.relative_to(ROOT))
+    entry["server"] = "stock vLLM" if spec["kind"] in ("expert", "base") else "channelmerge serve"
+    entry["items_per_task"] = limit or 200
+    entry["seconds"] = round(time.time() - t0, 1)
+    entry["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return entry
+
+
+def derive_ensemble(systems: dict[str, Any]) -> Optional[dict[str, Any]]:
+    rows = {t: systems.get(f"expert_{t}") for t in TASKS}
+    if any(r is None or t not in r["accuracy"] for t, r in rows.items()):
+        return None
+    acc = {t: rows[t]["accuracy"][t] for t in TASKS}
+    return {"kind": "ensemble", "num_groups": None, "method": None, "params_ratio": 1.0, "accuracy": acc,
+            "average": sum(acc.values()) / len(acc),
+            "note": "derived from the expert_* rows: each task scored by its own expert (not served separately)"}
+
+
+def load_results() -> dict[str, Any]:
+    if RESULTS_JSON.exists():
+        return json.loads(RESULTS_JSON.read_text())
+    return {"tasks": list(TASKS), "systems": {}}
+
+
+def save_results(res: dict[str, Any]) -> None:
+    res["tasks"] = list(TASKS)
+    ens = derive_ensemble(res["systems"])
+    if ens:
+        res["systems"]["ensemble"] = ens
+    RESULTS_JSON.write_text(json.dumps(res, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- report
+
+ORDER = {"ensemble": 0, "expert": 1, "channel": 2, "auto": 3, "single_merge": 4, "base": 5}
+
+
+def _pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(n, s) for n, s in res["systems"].items() if s.get("average") is not None]
+    if not pts:
+        return None
+    colors = {"ensemble": "black", "channel": "tab:blue", "auto": "tab:purple", "single_merge": "tab:red",
+              "base": "tab:gray", "expert": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, s in pts:
+        ax.scatter(s["params_ratio"], 100 * s["average"], color=colors.get(s["kind"], "tab:orange"), s=40)
+        ax.annotate(n, (s["params_ratio"], 100 * s["average"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xlabel("parameters stored ÷ ensemble of 4 experts")
+    ax.set_ylabel("average test accuracy over 4 tasks (%)")
+    ax.set_title("SmolLM2-135M experts (arith, date, reverse, code), served through vLLM")
+    ax.set_xlim(0, 1.1)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(res: dict[str, Any], notes: str = "") -> None:
+    systems = sorted(res["systems"].items(),
+                     key=lambda kv: (ORDER.get(kv[1]["kind"], 9), kv[1].get("num_groups") or 0,
+                                     [t for t in res["tasks"] if t in kv[0]] or kv[0], kv[0]))
+    lines = ["# Quality comparison: channel merging of four real experts, served through vLLM", "",
+             "Test split of each task (200 items, greedy, max tokens per task as in `tasks.py`), scored by "
+             "`tasks.score` through the `openai` client against a live server: `channelmerge serve` for merged "
+             "checkpoints (the expert picked by the `model` name; `auto`: by the checkpoint's router), stock "
+             "vLLM for an expert alone and the base. Generated by `benchmarks/quality/compare.py` from "
+             "`results.json`.", "",
+             "- Commands (the systems were measured in parts; results of earlier runs are kept): "
+             + ", ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "")])),
+             f"- Machine: {res.get('machine', '')}",
+             f"- Date: {res.get('date', '')}",
+             "- Server flags: `--dtype float32 --max-model-len 1024 --max-num-seqs 64`, "
+             "`VLLM_CPU_KVCACHE_SPACE=2`, one server at a time, 64 concurrent requests.", "",
+             "| system | kind | K | method | " + " | ".join(res["tasks"]) + " | average | params ÷ ensemble |",
+             "|---|---|---|---|" + "---|" * len(res["tasks"]) + "---|---|"]
+    for n, s in systems:
+        acc = [_pct(s["accuracy"].get(t)) for t in res["tasks"]]
+        lines.append(f"| `{n}` | {s['kind']} | {s.get('num_groups') or '–'} | {s.get('method') or '–'} | "
+                     + " | ".join(acc) + f" | {_pct(s.get('average'))} | {s['params_ratio']:.3f} |")
+    lines += ["", "![average accuracy against parameters](accuracy_vs_params.png)", ""]
+    auto = [(n, s) for n, s in systems if s["kind"] == "auto"]
+    if auto:
+        lines += ["## `auto` router", ""]
+        for n, s in auto:
+            oracle = res["systems"].get(n.replace("auto_", "channel_", 1))
+            o = f"; oracle routing (`{n.replace('auto_', 'channel_', 1)}`): {_pct(oracle['average'])}" if oracle else ""
+            lines.append(f"- `{n}`: routing accuracy {_pct(s.get('routing_accuracy'))} (response `model` "
+                         f"field), end-to-end average {_pct(s.get('average'))}{o}.")
+        lines.append("")
+    lines += ["## Notes", "", notes.strip() or "–", ""]
+    RESULTS_MD.write_text("\n".join(lines))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, help="systems to measure, in order")
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--limit", type=int, help="first N test items per task (smoke runs; not written)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
+    ap.add_argument("--notes", type=Path, help="markdown file: notes for RESULTS.md (kept in results.json)")
+    a = ap.parse_args(argv)
+    for s in a.systems:
+        parse_system(s)
+    res = load_results()
+    if not a.report_only:
+        for name in a.systems:
+            print(f"== {name}", flush=True)
+            entry = measure(name, a.concurrency, a.limit)
+            print(f"{name}: {json.dumps(entry['accuracy'])} average {entry['average']}", flush=True)
+            if a.limit:
+                continue
+            res = load_results()
+            res["systems"][name] = entry
+            cmd = "python -m benchmarks.quality.compare --systems " + " ".join(a.systems)
+            res.update(date=entry["date"], machine=machine_info(), command=cmd)
+            if cmd not in res.setdefault("commands", []):
+                res["commands"].append(cmd)
+            res.setdefault("seconds", {})[name] = entry["seconds"]
+            save_results(res)
+    if a.notes:
+        res["notes"] = a.notes.read_text()
+    if res["systems"]:
+        save_results(res)
+        plot(res)
+        write_report(res, res.get("notes", ""))
+        print(f"wrote {RESULTS_JSON}, {RESULTS_MD}, {PLOT_PNG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
