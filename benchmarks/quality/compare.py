@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import signal
 import socket
@@ -120,6 +121,32 @@ def ensure_router(merged: Path) -> Path:
     subprocess.run([str(Path(sys.executable).parent / "channelmerge"), "router", "train", str(merged), str(ex)],
                    check=True)
     return merged / "router"
+
+
+def merge_error(model_dir: Path) -> dict[str, Any]:
+    """From `channelmerge inspect`: each expert's mean relative weight error over the
+    channel-merged tensors (||stored - expert|| / ||expert - base||), overall and per kind
+    of tensor (q/k/v/o, gate/up/down, lm_head...), and the share of channels outside group 0."""
+    from merge_tool.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(model_dir)
+    rows = [t for t in info["tensors"] if t["kind"] in ("channel", "merged")
+            and all(math.isfinite(v) for v in t["rel_error"].values())]
+    out: dict[str, Any] = {"mean": {}, "by_tensor_kind": {}, "by_layer": {}}
+    for e in info["experts"]:
+        errs = [t["rel_error"][e] for t in rows]
+        out["mean"][e] = round(sum(errs) / len(errs), 4) if errs else None
+        kinds: dict[str, list[float]] = {}
+        for t in rows:
+            k = t["tensor"].split(".")[-2] if t["tensor"].startswith("model.layers.") else t["tensor"]
+            kinds.setdefault(k, []).append(t["rel_error"][e])
+        out["by_tensor_kind"][e] = {k: round(sum(v) / len(v), 4) for k, v in kinds.items()}
+        layers: dict[str, list[float]] = {}
+        for t in rows:
+            if t["tensor"].startswith("model.layers."):
+                layers.setdefault(t["tensor"].split(".")[2], []).append(t["rel_error"][e])
+        out["by_layer"][e] = [round(sum(v) / len(v), 4) for _, v in sorted(layers.items(), key=lambda kv: int(kv[0]))]
+    return out
 
 
 def params_ratio(spec: dict[str, Any], model_dir: Path) -> float:
@@ -228,6 +255,8 @@ def measure(name: str, concurrency: int, limit: Optional[int]) -> dict[str, Any]
     t0 = time.time()
     entry: dict[str, Any] = {"kind": spec["kind"], "num_groups": spec["num_groups"], "method": spec["method"],
                              "params_ratio": params_ratio(spec, model_dir), "accuracy": {}}
+    if spec["kind"] in ("channel", "single_merge", "auto"):
+        entry["merge_error"] = merge_error(model_dir)
     with Server(server_cmd(spec, model_dir, name, port), port, WORK / "logs" / f"{name}.log") as srv:
         entry["server_start_seconds"] = srv.start_seconds
         routed: dict[str, dict[str, int]] = {}
