@@ -395,6 +395,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     for s in a.systems:
         parse_system(s)
+    # SIGTERM unwinds like Ctrl-C, so the running server is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     res = load_results()
     if not a.report_only:
         for name in a.systems:
