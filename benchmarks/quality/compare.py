@@ -413,6 +413,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 res["commands"].append(cmd)
             res.setdefault("seconds", {})[name] = entry["seconds"]
             save_results(res)
+            plot(res)
+            write_report(res, res.get("notes", ""))  # after every system: a partial run leaves a report
     if a.notes:
         res["notes"] = a.notes.read_text()
     if res["systems"]:
