@@ -13,10 +13,11 @@ import concurrent.futures as cf
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+
+from vllm_channelmerge.serve import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERTS = ["math", "code", "chat"]
@@ -48,21 +49,6 @@ def build(work: Path) -> Path:
     return merged
 
 
-def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import urllib.request
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            urllib.request.urlopen(base_url + "/models", timeout=2)
-            return
-        except OSError:
-            time.sleep(2)
-    raise SystemExit("server did not become ready")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--work", default=str(ROOT / "work" / "demo"))
@@ -83,7 +69,7 @@ def main() -> None:
     proc = subprocess.Popen(cmd, env=env)
     base_url = f"http://127.0.0.1:{args.port}/v1"
     try:
-        wait_ready(base_url, proc)
+        wait_until_ready(base_url, proc, timeout=600)
         client = OpenAI(base_url=base_url, api_key="unused")
         print("models:", [m.id for m in client.models.list().data])
         jobs = [(e, q) for q in QUESTIONS for e in EXPERTS]

@@ -36,9 +36,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
+
+from vllm_channelmerge.serve import wait_until_ready
 
 from .base_model import BASE_DIR, EXPERTS_DIR
 from .evaluate import OpenAIGenerator, evaluate, machine_info
@@ -197,16 +198,7 @@ class Server:
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}; see {self.log_path}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2)
-                return
-            except OSError:
-                time.sleep(2)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
+        wait_until_ready(f"http://127.0.0.1:{self.port}/v1", self.proc, timeout, str(self.log_path))
 
     def stop(self) -> None:
         p = self.proc

@@ -32,6 +32,8 @@ from typing import Iterator
 
 import psutil
 
+from vllm_channelmerge.serve import wait_until_ready
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 WORK = ROOT / "work" / "throughput"
@@ -123,21 +125,6 @@ COMMON_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager
                "--max-num-seqs", "64"]
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 900) -> None:
-    import urllib.request
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with code {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            return
-        except OSError:
-            time.sleep(2)
-    raise RuntimeError(f"server on port {port} not ready after {timeout:.0f} s")
-
-
 @contextmanager
 def servers(cmds: list[list[str]], ports: list[int], logs: list[Path]) -> Iterator[list[subprocess.Popen]]:
     procs = []
@@ -147,7 +134,7 @@ def servers(cmds: list[list[str]], ports: list[int], logs: list[Path]) -> Iterat
             procs.append(subprocess.Popen(cmd, env=server_env("auto"), stdout=lp.open("w"),
                                           stderr=subprocess.STDOUT))
         for port, p in zip(ports, procs):
-            wait_ready(port, p)
+            wait_until_ready(f"http://127.0.0.1:{port}/v1", p)
         yield procs
     finally:
         for p in procs:
