@@ -118,6 +118,8 @@ class MergeConfig(BaseModel):
     method: Literal["average", "task_arithmetic", "ties", "dare"] = "average"
     parameters: MethodParams = Field(default_factory=MethodParams)
     fold_norms: bool = True
+    collapse_identical: bool = Field(
+        True, description="store a channel tensor that every expert has identical once (K=1), exactly")
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -2,8 +2,8 @@
 
 The result loads in stock `transformers` and stock vLLM: each channel's row is looked up in
 the expert's group, folded norms are unfolded back (divide the columns by the expert's
-original norm weight, kept in the sidecar) where that is exact (no zero in the norm), the
-original architecture is restored and `quantization_config` dropped. It is what the merged
+original norm weight, kept in the sidecar) where that is exact (no zero in the norm), an
+expert norm becomes that expert's row of ``<norm>.expert_weight``, the original architecture is restored and `quantization_config` dropped. It is what the merged
 checkpoint computes for that expert, so it is the reference for the runtime's tests.
 """
 
@@ -65,15 +65,23 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
             norms[nn] = side[nn][e]
     # Which weight has which norm folded into it (recorded by the merge; recomputed if absent).
     targets: dict[str, str] = report.get("fold_targets") or foldmod.plan_folding(
-        qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)],
-        bool(report.get("tie_word_embeddings", False)), True).targets
+        qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)], True).targets
     targets = {t: n for t, n in targets.items() if n in folded}
     unfold_ok = {nn: unfold_norms and foldmod.can_unfold(g) for nn, g in norms.items()}
     for nn, ok in unfold_ok.items():
         if unfold_norms and not ok:
             log.warning("%s of %s has zeros: kept folded (norm stored as ones)", nn, name)
 
-    names = [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)]
+    for m in qc.expert_norms:
+        en = fmt.expert_norm_name(m)
+        if not reader.has(en):
+            raise fmt.FormatError(f"{src}: tensor {en!r} is missing (quantization_config.expert_norms lists {m!r})")
+        w = reader.get(en)
+        if w.dim() != 2 or w.shape[0] != qc.num_experts:
+            raise fmt.FormatError(f"{reader.file_of(en)}: tensor {en!r} has shape {list(w.shape)}; "
+                                  f"expected [{qc.num_experts}, hidden]")
+        norms[m + ".weight"] = w[e]
+    names = [n for n in reader.names if not n.endswith((fmt.GROUP_INDEX_SUFFIX, fmt.EXPERT_WEIGHT_SUFFIX))]
     planned = []
     for n in names:
         shape = reader.shape(n)
@@ -126,6 +134,6 @@ def _dense(reader: ModelReader, n: str, e: int, targets: dict[str, str], norms: 
         t = t[row, torch.arange(t.shape[1])]
     if n in targets and unfold_ok.get(targets[n]) and n.endswith(".weight"):
         t = foldmod.unfold(t.float(), norms[targets[n]].float()).to(t.dtype)
-    elif n in norms and unfold_ok.get(n):
+    elif n in norms and unfold_ok.get(n, True):  # folded norm restored, or an expert norm
         t = norms[n].to(t.dtype)
     return t.contiguous()

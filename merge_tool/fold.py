@@ -1,11 +1,16 @@
 """Exact RMSNorm folding: `W @ (g * x) == (W * g) @ x`.
 
 Experts differ in their norm weights too. Where an RMSNorm feeds linear layers directly
-(Llama, Mistral, Qwen2: `input_layernorm` -> q/k/v, `post_attention_layernorm` -> gate/up,
-final `norm` -> lm_head), each expert's norm is multiplied into the columns of those layers
-and the stored norm becomes ones, so the per-channel lookup carries the norm exactly.
-Biases are untouched by folding (`W (g x) + b = (W g) x + b`). Folding the final norm into
-a tied lm_head unties it. Other architectures get their norms merged across experts.
+(Llama, Mistral, Qwen2: `input_layernorm` -> q/k/v, `post_attention_layernorm` -> gate/up),
+each expert's norm is multiplied into the columns of those layers and the stored norm
+becomes ones, so the per-channel lookup carries the norm exactly. Biases are untouched by
+folding (`W (g x) + b = (W g) x + b`).
+
+The final norm is not folded into the lm_head: that would make every lm_head row differ
+between experts (and untie a tied lm_head), storing the largest matrix K times for a
+vector's worth of difference. It is kept per expert instead (an *expert norm*, format
+§Tensors) and applied by the runtime to the rows given to the lm_head. Other architectures
+get their norms merged across experts.
 """
 
 from __future__ import annotations
@@ -38,13 +43,13 @@ class FoldPlan:
     targets: dict[str, str] = field(default_factory=dict)
     folded_norms: list[str] = field(default_factory=list)
     merged_norms: list[str] = field(default_factory=list)
-    untie_lm_head: bool = False  # tied embeddings, final norm folded: lm_head becomes its own tensor
-    synth_lm_head: bool = False  # lm_head is not in the files: made from the embedding
+    expert_norms: list[str] = field(default_factory=list)  # kept per expert (the final norm)
     reason: str = ""
 
 
-def plan_folding(architecture: str, tensor_names: list[str], tied: bool, enabled: bool) -> FoldPlan:
-    """Decide which norms are folded into which weights (a norm only if all targets exist)."""
+def plan_folding(architecture: str, tensor_names: list[str], enabled: bool) -> FoldPlan:
+    """Decide which norms are folded into which weights (a norm only if all targets exist)
+    and which are kept per expert."""
     names = set(tensor_names)
     plan = FoldPlan()
     norms = [n for n in tensor_names if is_norm(n)]
@@ -62,14 +67,10 @@ def plan_folding(architecture: str, tensor_names: list[str], tied: bool, enabled
         targets: list[str] = []
         if m:
             targets = [f"{m.group(1)}.{t}.weight" for t in LAYER_FOLDS[m.group(2)]]
-        elif n == FINAL_NORM:
-            if LM_HEAD in names:
-                targets = [LM_HEAD]
-                plan.untie_lm_head = tied
-            elif tied and EMBED in names:
-                targets = [LM_HEAD]  # synthesised from the embedding: unties lm_head
-                plan.untie_lm_head = plan.synth_lm_head = True
-        if targets and all(t in names or (t == LM_HEAD and plan.synth_lm_head) for t in targets):
+        elif n == FINAL_NORM and (LM_HEAD in names or EMBED in names):
+            plan.expert_norms.append(n)
+            continue
+        if targets and all(t in names for t in targets):
             plan.folded_norms.append(n)
             for t in targets:
                 plan.targets[t] = n

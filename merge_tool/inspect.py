@@ -61,8 +61,8 @@ def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
                        rel_error=t["rel_error"])
         tensors.append(row)
     notes = []
-    if report.get("lm_head_untied"):
-        notes.append("lm_head was untied from the embeddings by folding the final norm into it")
+    for n in report.get("identical_tensors", []):
+        notes.append(f"{n} is identical in every expert: stored once (K=1)")
     merged_norms = report.get("merged_norms", [])
     for n in merged_norms:
         notes.append(f"norm {n} merged across experts ({report.get('fold_note') or 'not folded'})")
@@ -79,7 +79,8 @@ def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
         "similarity": qc.similarity,
         "folded_norms": qc.folded_norms,
         "merged_norms": merged_norms,
-        "lm_head_untied": bool(report.get("lm_head_untied", False)),
+        "expert_norms": qc.expert_norms,
+        "identical_tensors": report.get("identical_tensors", []),
         "params_stored": stored,
         "params_ensemble": (base_params or 0) * len(qc.experts) or None,
         "params_ratio": stored / (base_params * len(qc.experts)) if base_params else None,
@@ -99,7 +100,8 @@ def format_table(info: dict[str, Any]) -> str:
     if info["params_ratio"] is not None:
         lines.append(f"parameters: {info['params_stored']:,} stored = {info['params_ratio']:.3f} of the "
                      f"ensemble ({info['params_ensemble']:,})")
-    lines.append(f"norms folded: {len(info['folded_norms'])}; merged across experts: {len(info['merged_norms'])}")
+    lines.append(f"norms folded: {len(info['folded_norms'])}; merged across experts: {len(info['merged_norms'])}; "
+                 f"kept per expert: {len(info['expert_norms'])}")
     for n in info["notes"]:
         lines.append(f"note: {n}")
     names = info["experts"]
@@ -116,6 +118,8 @@ def format_table(info: dict[str, Any]) -> str:
                          "merged across experts")
         elif t["kind"] == "folded_norm":
             lines.append(f"{t['tensor']:<48} {'-':>2} {'':>9} {'':>8}  folded (stored as ones)")
+        elif t["kind"] == "expert_norm":
+            lines.append(f"{t['tensor']:<48} {'-':>2} {'':>9} {'':>8}  kept per expert (exact)")
     lines.append("")
     lines.append("err = ||stored - expert|| / ||expert - base|| per tensor (0: exact; 1: as far as the base)")
     return "\n".join(lines)

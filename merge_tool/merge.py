@@ -36,14 +36,15 @@ _BLOCK_ELEMS = 1 << 22  # per expert per block: bounds the float32 temporaries
 class Job:
     """One base tensor (and its bias) to produce."""
 
-    kind: str  # "channel" | "plain" | "ones"
+    kind: str  # "channel" | "plain" | "ones" | "expert_norm"
     name: str  # output weight name
-    source: str  # input tensor name (lm_head may come from the tied embedding)
+    source: str  # input tensor name
     shape: tuple[int, ...]
     dtype: torch.dtype
     k: int = 1
     bias: Optional[str] = None
     norm: Optional[str] = None  # norm folded into this weight's columns
+    identical: bool = False  # every expert has the same (folded) tensor: stored once, exactly
 
 
 @dataclass
@@ -79,25 +80,63 @@ def plan_jobs(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan) -> list
                             bias if bias in name_set else None, fp.targets.get(t)))
         elif t in fp.folded_norms:
             jobs.append(Job("ones", t, t, shape, dt))
+        elif t in fp.expert_norms:
+            jobs.append(Job("expert_norm", t, t, shape, dt))
         else:
             jobs.append(Job("plain", t, t, shape, dt))
-    if fp.synth_lm_head:
-        emb = foldmod.EMBED
-        jobs.append(Job("channel", foldmod.LM_HEAD, emb, base.shape(emb), _out_dtype(cfg, base.dtype(emb)),
-                        cfg.groups_for_tensor(foldmod.LM_HEAD), None, fp.targets.get(foldmod.LM_HEAD)))
     # q/k/v and gate/up are fused by vLLM along `out`: they must share K.
-    ks = {fmt.module_of(j.name): j.k for j in jobs if j.kind == "channel"}
-    for fused, parts in fmt.FUSED_MODULES.items():
-        for mod, k in ks.items():
-            head, _, last = mod.rpartition(".")
-            if last != parts[0]:
-                continue
-            fam = {f"{head}.{p}": ks.get(f"{head}.{p}") for p in parts}
-            if len({v for v in fam.values() if v is not None}) > 1:
-                raise ConfigError(
-                    f"num_groups_overrides/include/exclude give the fused module {head}.{fused} different "
-                    f"K: {', '.join(f'{m}={v}' for m, v in fam.items())}; q/k/v and gate/up must share K")
+    for fused, fam in _fused_families(jobs):
+        if len({j.k for j in fam}) > 1:
+            raise ConfigError(
+                f"num_groups_overrides/include/exclude give the fused module {fused} different "
+                f"K: {', '.join(f'{fmt.module_of(j.name)}={j.k}' for j in fam)}; q/k/v and gate/up must share K")
     return jobs
+
+
+def _fused_families(jobs: list[Job]) -> list[tuple[str, list[Job]]]:
+    """(vLLM's fused module name, its channel jobs) for every q/k/v and gate/up family."""
+    by_module = {fmt.module_of(j.name): j for j in jobs if j.kind == "channel"}
+    out = []
+    for fused, parts in fmt.FUSED_MODULES.items():
+        for mod in by_module:
+            head, _, last = mod.rpartition(".")
+            if last == parts[0]:
+                fam = [by_module[m] for m in (f"{head}.{p}" for p in parts) if m in by_module]
+                out.append((f"{head}.{fused}", fam))
+    return out
+
+
+def collapse_identical(jobs: list[Job], experts: list[ModelReader], fp: foldmod.FoldPlan) -> list[str]:
+    """Store once (K=1, exactly) the channel tensors that every expert has identical.
+
+    Typical case: embeddings frozen during fine-tuning. Cheap: a tensor is compared on a few
+    rows first, and read in full only when those agree. Fused families (q/k/v, gate/up) are
+    collapsed only together, since they must share K. Returns the collapsed tensor names.
+    """
+    if len(experts) < 2:
+        return []
+    same = {j.name: _identical(j, experts, fp) for j in jobs if j.kind == "channel" and j.k > 1}
+    for _, fam in _fused_families(jobs):
+        if not all(same.get(j.name, False) for j in fam):
+            for j in fam:
+                same[j.name] = False
+    done = []
+    for j in jobs:
+        if same.get(j.name):
+            j.k, j.identical = 1, True
+            done.append(j.name)
+    return done
+
+
+def _identical(job: Job, experts: list[ModelReader], fp: foldmod.FoldPlan) -> bool:
+    names = [n for n in (job.source, job.bias, fp.targets.get(job.name)) if n]
+    for n in names:
+        ref = experts[0].get(n, check=False)
+        head = min(ref.shape[0], 8)
+        if not all(torch.equal(ref[:head], e.get(n, check=False)[:head]) for e in experts[1:]):
+            return False
+    return all(torch.equal(experts[0].get(n, check=False), e.get(n, check=False))
+               for n in names for e in experts[1:])
 
 
 def _planned_outputs(jobs: list[Job], n: int) -> list[PlannedTensor]:
@@ -110,6 +149,8 @@ def _planned_outputs(jobs: list[Job], n: int) -> list[PlannedTensor]:
             out.append(PlannedTensor(fmt.group_index_name(j.name), torch.int32, (n, j.shape[0])))
         else:
             out.append(PlannedTensor(j.name, j.dtype, j.shape))
+            if j.kind == "expert_norm":
+                out.append(PlannedTensor(fmt.expert_norm_name(fmt.module_of(j.name)), j.dtype, (n, *j.shape)))
     return out
 
 
@@ -207,7 +248,7 @@ class _Merger:
         norms = self.norms[job.norm] if job.norm else None
         thr_w: list[float] = []
         thr_b: list[float] = []
-        if self.method.sparsify == "magnitude":
+        if self.method.sparsify == "magnitude" and not job.identical:
             thr_w = self._thresholds(bt, ets, norms)
             if job.bias:
                 thr_b = self._thresholds(bb, ebs, None, is_vec=True)
@@ -241,13 +282,15 @@ class _Merger:
                 gram = torch.zeros(rr, n_exp, n_exp, device=self.dev)
                 dnorm += _sumsq(d)
             assign = clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
-            if self.method.sparsify is None:
+            if self.method.sparsify is None or job.identical:
                 ds = d
             else:
                 ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
                 if job.bias:
                     ds = torch.cat([ds, self._sparsify(d[:, :, in_dim:], job.bias, thr_b, r0, 1)], 2)
             g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, rr, width)))  # [K, R, I]
+            if job.identical:
+                g[0].copy_(w[:, 0])  # not base + mean(delta): that rounds
             if job.dtype == torch.float32:
                 gc = gf = g
             else:
@@ -275,6 +318,7 @@ class _Merger:
         stats.tensors[job.name] = {
             "kind": "channel", "shape": [out_rows, in_dim], "num_groups": k,
             "bias": job.bias is not None, "folded_norm": job.norm, "source": job.source,
+            "identical_across_experts": job.identical,
             "channel_merged": self.cfg.is_selected(job.name),
             "rel_error": dict(zip(self.names, _rel(err, dnorm))),
             "outside_group0": dict(zip(self.names, (outside / out_rows).tolist())),
@@ -340,6 +384,13 @@ class _Merger:
         writer.write(job.name, torch.ones(job.shape, dtype=job.dtype))
         stats.tensors[job.name] = {"kind": "folded_norm", "shape": list(job.shape)}
 
+    def expert_norm(self, job: Job, writer: StreamingShardWriter, stats: MergeStats) -> None:
+        """The final norm: ones, plus every expert's own weight as `[N, hidden]` (exact)."""
+        writer.write(job.name, torch.ones(job.shape, dtype=job.dtype))
+        per_expert = torch.stack([r.get(job.source) for r in self.experts]).to(job.dtype)
+        writer.write(fmt.expert_norm_name(fmt.module_of(job.name)), per_expert)
+        stats.tensors[job.name] = {"kind": "expert_norm", "shape": list(job.shape)}
+
 
 def _sumsq(x: torch.Tensor) -> torch.Tensor:
     """Per-expert sum of squares of [R, N, I] (row norms first: 6x faster than one big norm)."""
@@ -368,12 +419,11 @@ def _config_json(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan, jobs
         experts=cfg.expert_names, num_groups=cfg.num_groups, method=cfg.method,
         similarity=cfg.similarity, base_architecture=arch,
         folded_norms=[fmt.module_of(n) for n in fp.folded_norms],
+        expert_norms=[fmt.module_of(n) for n in fp.expert_norms],
         num_groups_overrides=overrides)
     c = dict(base.config)
     c["architectures"] = [wrapper]
     c["quantization_config"] = qc.to_dict()
-    if fp.untie_lm_head:
-        c["tie_word_embeddings"] = False
     if cfg.dtype != "auto":
         for key in ("torch_dtype", "dtype"):
             if key in c or key == "torch_dtype":
@@ -396,7 +446,8 @@ def _model_card(cfg: MergeConfig, report: dict[str, Any]) -> str:
         f"- Similarity: {cfg.similarity}",
         f"- Parameters stored: {p['stored']:,} = {p['ratio']:.3f} of the ensemble ({p['ensemble']:,})",
         f"- Norms folded into linear layers: {len(report['folded_norms'])}; merged across experts: "
-        f"{len(report['merged_norms'])}" + (" (lm_head untied by folding)" if report["lm_head_untied"] else ""),
+        f"{len(report['merged_norms'])}; kept per expert: {len(report['expert_norms'])}",
+        f"- Tensors identical in every expert, stored once: {len(report['identical_tensors'])}",
         "", "## Experts", "", "| name | source | mean rel. error | channels outside group 0 |",
         "|---|---|---|---|",
     ]
@@ -468,10 +519,13 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but no CUDA GPU is available")
     base, experts = _open_inputs(config)
-    fp = foldmod.plan_folding(base.architecture, base.names, base.tied, config.fold_norms)
+    fp = foldmod.plan_folding(base.architecture, base.names, config.fold_norms)
     if fp.merged_norms and config.fold_norms:
         log.warning("norms merged across experts (not folded): %s (%s)", ", ".join(fp.merged_norms), fp.reason)
     jobs = plan_jobs(config, base, fp)
+    identical = collapse_identical(jobs, experts, fp) if config.collapse_identical else []
+    if identical:
+        log.info("identical in every expert, stored once: %s", ", ".join(identical))
     planned = _planned_outputs(jobs, len(experts))
     try:
         with staged_dir(out) as tmp:
@@ -512,8 +566,9 @@ def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: lis
         "similarity": cfg.similarity,
         "architecture": base.architecture,
         "tie_word_embeddings": base.tied,
-        "lm_head_untied": fp.untie_lm_head,
         "folded_norms": list(fp.folded_norms),
+        "expert_norms": list(fp.expert_norms),
+        "identical_tensors": [j.name for j in jobs if j.identical],
         "fold_targets": dict(fp.targets),
         "merged_norms": list(fp.merged_norms),
         "fold_note": fp.reason,

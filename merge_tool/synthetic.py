@@ -111,13 +111,15 @@ def make_experts(
     noise: float = 0.1,
     norm_scale: float = 0.05,
     seed: int = 1,
+    frozen: tuple[str, ...] = (),
 ) -> list[Path]:
     """Write one expert per `out_dirs` entry: base + per-channel group deltas (+ noise).
 
     For channel c of tensor X, expert n belongs to true group `assign[X][c, n]`; its delta is
     `proto[group, c] * (1 + noise * eps)`. Norm weights get small per-expert deltas.
     Returns the expert dirs; the true assignment is written to `<expert>/true_groups.json`
-    only for the first expert (tests read it).
+    only for the first expert (tests read it). Tensors whose name contains one of `frozen`
+    are left as in the base (as when fine-tuning freezes the embeddings).
     """
     from safetensors.torch import load_file, save_file
 
@@ -131,7 +133,10 @@ def make_experts(
     truth: dict[str, list[list[int]]] = {}
     for name, w in state.items():
         wf = w.float()
-        if fmt.is_channel_tensor(name):
+        if any(f in name for f in frozen):
+            for e in range(n):
+                expert_states[e][name] = w.clone()
+        elif fmt.is_channel_tensor(name):
             out = w.shape[0]
             groups = min(true_groups, n)
             # Each channel: random permutation-based assignment, every group non-empty.
@@ -162,9 +167,9 @@ def make_experts(
 
 
 def make_family(root: str | Path, names: list[str], arch: str = "llama", true_groups: int = 2,
-                seed: int = 0, **base_kwargs) -> tuple[Path, dict[str, Path]]:
+                seed: int = 0, frozen: tuple[str, ...] = (), **base_kwargs) -> tuple[Path, dict[str, Path]]:
     """Base + named experts under `root` (`root/base`, `root/<name>`)."""
     root = Path(root)
     base = make_base(root / "base", arch=arch, seed=seed, **base_kwargs)
-    dirs = make_experts(base, [root / n for n in names], true_groups=true_groups, seed=seed + 1)
+    dirs = make_experts(base, [root / n for n in names], true_groups=true_groups, seed=seed + 1, frozen=frozen)
     return base, dict(zip(names, dirs))

@@ -42,7 +42,7 @@ def test_kn_extract_gives_the_experts_logits(fam, request, tmp_path):
     n = len(family.experts)
     merged = run_merge(family.merge_config(num_groups=n), tmp_path / "m", progress=False)
     info = inspect_checkpoint(merged)
-    assert info["lm_head_untied"] == family.tied
+    assert info["expert_norms"] == ["model.norm"]  # the final norm: kept per expert
     ids = _ids()
     for name in list(family.experts)[:2]:
         x = extract_expert(merged, name, tmp_path / name)
@@ -57,14 +57,16 @@ def test_kn_extract_gives_the_experts_logits(fam, request, tmp_path):
         assert torch.equal(ex["model.layers.0.input_layernorm.weight"], orig["model.layers.0.input_layernorm.weight"])
         q = "model.layers.0.self_attn.q_proj.weight"
         assert torch.allclose(ex[q], orig[q], atol=1e-6)
+        assert torch.equal(ex["model.norm.weight"], orig["model.norm.weight"])
+        assert not any(k.endswith(fmt.EXPERT_WEIGHT_SUFFIX) for k in ex)
         if family.tied:
-            assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in ex  # folding untied it
+            assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in ex  # stays tied
 
 
 def test_extract_tied_without_folding_reties(qwen2_tied_family, tmp_path):
     merged = run_merge(qwen2_tied_family.merge_config(num_groups=3, fold_norms=False), tmp_path / "m", progress=False)
     info = inspect_checkpoint(merged)
-    assert not info["lm_head_untied"] and len(info["merged_norms"]) == 5
+    assert not info["expert_norms"] and len(info["merged_norms"]) == 5
     assert any("merged across experts" in n for n in info["notes"])
     x = extract_expert(merged, "b", tmp_path / "b")
     cfg = json.loads((x / "config.json").read_text())
@@ -85,9 +87,11 @@ def test_extract_is_the_group_lookup(merged_llama_k2, tmp_path):
         if fmt.is_channel_tensor(name):
             idx = st[fmt.group_index_name(name)][e].long()
             assert torch.equal(t, st[name][idx, torch.arange(idx.numel())]), name
+        elif name == "model.norm.weight":  # an expert norm: the runtime applies row e
+            assert torch.equal(t, st[fmt.expert_norm_name("model.norm")][e])
         else:
             assert torch.equal(t, st[name]), name
-    assert not any(k.endswith(fmt.GROUP_INDEX_SUFFIX) for k in ex)
+    assert not any(k.endswith((fmt.GROUP_INDEX_SUFFIX, fmt.EXPERT_WEIGHT_SUFFIX)) for k in ex)
 
 
 def test_extract_errors(merged_llama_k2, tmp_path, leftovers):

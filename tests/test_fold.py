@@ -18,28 +18,29 @@ NAMES = [
 ]
 
 
-def test_llama_plan_untied_and_tied():
-    p = fold.plan_folding("LlamaForCausalLM", NAMES + ["lm_head.weight"], tied=False, enabled=True)
-    assert p.targets["model.layers.0.self_attn.k_proj.weight"] == "model.layers.0.input_layernorm.weight"
-    assert p.targets["model.layers.0.mlp.up_proj.weight"] == "model.layers.0.post_attention_layernorm.weight"
-    assert p.targets["lm_head.weight"] == "model.norm.weight"
-    assert "model.layers.0.self_attn.o_proj.weight" not in p.targets
-    assert not p.untie_lm_head and not p.merged_norms and len(p.folded_norms) == 3
-    t = fold.plan_folding("Qwen2ForCausalLM", NAMES, tied=True, enabled=True)
-    assert t.untie_lm_head and t.synth_lm_head and t.targets["lm_head.weight"] == "model.norm.weight"
+def test_llama_plan_folds_layer_norms_and_keeps_the_final_norm_per_expert():
+    for names in (NAMES + ["lm_head.weight"], NAMES):  # untied, tied
+        p = fold.plan_folding("LlamaForCausalLM", names, enabled=True)
+        assert p.targets["model.layers.0.self_attn.k_proj.weight"] == "model.layers.0.input_layernorm.weight"
+        assert p.targets["model.layers.0.mlp.up_proj.weight"] == "model.layers.0.post_attention_layernorm.weight"
+        assert "model.layers.0.self_attn.o_proj.weight" not in p.targets
+        assert "lm_head.weight" not in p.targets  # never folded into the lm_head
+        assert p.expert_norms == ["model.norm.weight"]
+        assert not p.merged_norms and len(p.folded_norms) == 2
 
 
 def test_other_architectures_and_disabled_merge_norms():
-    p = fold.plan_folding("GemmaForCausalLM", NAMES, tied=True, enabled=True)
-    assert not p.targets and not p.untie_lm_head
+    p = fold.plan_folding("GemmaForCausalLM", NAMES, enabled=True)
+    assert not p.targets and not p.expert_norms
     assert p.merged_norms == [n for n in NAMES if n.endswith("norm.weight")]
     assert "GemmaForCausalLM" in p.reason
-    q = fold.plan_folding("LlamaForCausalLM", NAMES, tied=False, enabled=False)
-    assert not q.targets and len(q.merged_norms) == 3 and "fold_norms is false" in q.reason
+    q = fold.plan_folding("LlamaForCausalLM", NAMES, enabled=False)
+    assert not q.targets and not q.expert_norms and len(q.merged_norms) == 3 and "fold_norms is false" in q.reason
 
 
-def test_final_norm_without_lm_head_untied_is_merged():
-    p = fold.plan_folding("LlamaForCausalLM", NAMES, tied=False, enabled=True)  # no lm_head at all
+def test_final_norm_without_any_head_is_merged():
+    names = [n for n in NAMES if n != "model.embed_tokens.weight"]
+    p = fold.plan_folding("LlamaForCausalLM", names, enabled=True)
     assert p.merged_norms == ["model.norm.weight"]
 
 

@@ -121,6 +121,8 @@ def test_format_v1_round_trip(merged_llama_k2, llama_family):
     expected: dict[str, tuple] = {}
     for name, b in base.items():
         expected.update(fmt.expected_shapes(name, tuple(b.shape), qc.groups_for(fmt.module_of(name)), 4))
+    assert qc.expert_norms == ["model.norm"]
+    expected[fmt.expert_norm_name("model.norm")] = (4, base["model.norm.weight"].shape[0])
     assert {k: tuple(v.shape) for k, v in st.items()} == expected
     for name, t in st.items():
         if name.endswith(fmt.GROUP_INDEX_SUFFIX):
@@ -128,7 +130,7 @@ def test_format_v1_round_trip(merged_llama_k2, llama_family):
             assert "g_idx" not in name
             counts = torch.stack([(t == g).sum(0) for g in range(2)])
             assert bool((counts[0] >= counts[1]).all()), f"{name}: group 0 must be the largest"
-        elif fmt.module_of(name) in qc.folded_norms:
+        elif name.endswith("norm.weight") and fmt.module_of(name) in qc.folded_norms + qc.expert_norms:
             assert torch.equal(t, torch.ones_like(t))
     # fused modules share K; vLLM-style fused names resolve
     assert qc.groups_for("model.layers.0.self_attn.qkv_proj") == 2
@@ -238,7 +240,7 @@ def test_cuda_requested_without_gpu_is_clear(llama_family, tmp_path):
 
 def test_experts_equal_to_base_leave_groups_empty(llama_family, tmp_path):
     """Zero task vectors: every channel is one group; the unused group rows copy group 0."""
-    d = llama_family.config(num_groups=2, method="ties")
+    d = llama_family.config(num_groups=2, method="ties", collapse_identical=False)
     for e in d["experts"][:3]:
         e["model"] = str(llama_family.base)
     d["experts"] = d["experts"][:3]
@@ -249,3 +251,45 @@ def test_experts_equal_to_base_leave_groups_empty(llama_family, tmp_path):
     assert torch.equal(st[q][0], st[q][1])
     rep = json.loads((out / fmt.REPORT_FILE).read_text())
     assert all(v == 0.0 for t in rep["tensors"].values() if t["kind"] == "channel" for v in t["outside_group0"].values())
+
+
+def test_identical_tensors_are_stored_once(tmp_path):
+    """Frozen embeddings (identical in every expert) are stored once, exactly, whatever the
+    method; the final norm is kept per expert, so a tied lm_head stays tied."""
+    from merge_tool.synthetic import make_family
+
+    base, dirs = make_family(tmp_path / "src", ["a", "b", "c"], tie_word_embeddings=True,
+                             frozen=("embed_tokens",))
+    d = {"base_model": str(base), "experts": [{"name": n, "model": str(p)} for n, p in dirs.items()],
+         "num_groups": 2, "method": "ties", "parameters": {"density": 0.3}}
+    out = run_merge(parse_config(d), tmp_path / "m", progress=False)
+    st, b = load_dir(out), load_dir(base)
+    emb, q = "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"
+    assert st[emb].shape == (1, *b[emb].shape) and torch.equal(st[emb][0], b[emb])  # exact, not trimmed
+    assert int(st[fmt.group_index_name(emb)].abs().sum()) == 0
+    assert st[q].shape[0] == 2 and "lm_head.weight" not in st
+    cfg = json.loads((out / fmt.CONFIG_FILE).read_text())
+    assert cfg["tie_word_embeddings"] is True
+    qc = fmt.read_quant_config(cfg)
+    assert qc.num_groups_overrides == {"model.embed_tokens": 1} and qc.expert_norms == ["model.norm"]
+    experts = [load_dir(p) for p in dirs.values()]
+    assert torch.equal(st[fmt.expert_norm_name("model.norm")], torch.stack([e["model.norm.weight"] for e in experts]))
+    rep = json.loads((out / fmt.REPORT_FILE).read_text())
+    assert rep["identical_tensors"] == [emb] and rep["tensors"][emb]["identical_across_experts"]
+    assert all(v == 0.0 for v in rep["tensors"][emb]["rel_error"].values())
+    # without K=1 storage, 2 x the embedding and a larger ratio
+    off = run_merge(parse_config({**d, "collapse_identical": False}), tmp_path / "off", progress=False)
+    assert load_dir(off)[emb].shape[0] == 2
+    assert json.loads((off / fmt.REPORT_FILE).read_text())["params"]["ratio"] > rep["params"]["ratio"]
+
+
+def test_identical_member_of_a_fused_family_keeps_its_k(tmp_path):
+    """q/k/v share K in vLLM: q alone identical is not collapsed."""
+    from merge_tool.synthetic import make_family
+
+    base, dirs = make_family(tmp_path / "src", ["a", "b"], frozen=("q_proj",))
+    d = {"base_model": str(base), "experts": [{"name": n, "model": str(p)} for n, p in dirs.items()],
+         "num_groups": 2}
+    st = load_dir(run_merge(parse_config(d), tmp_path / "m", progress=False))
+    assert st["model.layers.0.self_attn.q_proj.weight"].shape[0] == 2
+    assert st["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2

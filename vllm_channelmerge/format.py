@@ -17,7 +17,9 @@ Weights: every channel-merged tensor ``X.weight`` is stored as ``[K, out, in]`` 
 with ``X.group_index`` ``[N, out]`` (int32, values in ``[0, K)``) mapping each expert's
 output channel to its group, and ``X.bias`` (if any) as ``[K, out]``. Group 0 is each
 channel's largest group (runtime strategies rely on this). Other tensors (norms) are stored
-as in a plain HF checkpoint.
+as in a plain HF checkpoint, except an *expert norm* (the final norm): stored as ones, with
+each expert's weight in ``<norm>.expert_weight`` ``[N, hidden]``, applied by the runtime to
+the rows given to the lm_head, so that a tied lm_head stays tied (and stored once).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ ROUTER_DIR = "router"
 
 GROUP_INDEX_SUFFIX = ".group_index"  # never ".g_idx": vLLM's loaders drop that suffix
 GROUP_INDEX_DTYPE = "int32"
+EXPERT_WEIGHT_SUFFIX = ".expert_weight"
+# Norms a checkpoint may keep per expert (`expert_norms`): the runtime applies them right
+# before the lm_head, which is only correct for the final norm.
+EXPERT_NORM_MODULES = ("model.norm",)
 
 # Model name reserved for the router; never a valid expert name.
 AUTO_MODEL_NAME = "auto"
@@ -59,6 +65,8 @@ CHANNEL_MODULE_SUFFIXES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     "embed_tokens", "lm_head",
 )
+EMBED_MODULE = "model.embed_tokens"
+LM_HEAD_MODULE = "lm_head"
 # vLLM fuses these along `out`; constituents must share K.
 FUSED_MODULES: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -112,6 +120,11 @@ def group_index_name(tensor_name: str) -> str:
     return mod + GROUP_INDEX_SUFFIX
 
 
+def expert_norm_name(norm_module: str) -> str:
+    """`model.norm` -> `model.norm.expert_weight` (`[N, hidden]`, one row per expert)."""
+    return norm_module + EXPERT_WEIGHT_SUFFIX
+
+
 def fused_constituents(module_prefix: str) -> list[str]:
     """HF module names behind a (possibly vLLM-fused) module prefix.
 
@@ -137,6 +150,8 @@ class ChannelMergedConfig:
     similarity: str = "cosine"
     base_architecture: str = "LlamaForCausalLM"
     folded_norms: list[str] = field(default_factory=list)
+    # Norm modules kept per expert (stored as ones + `<norm>.expert_weight` [N, hidden]).
+    expert_norms: list[str] = field(default_factory=list)
     # Per-module K where it differs from num_groups, keyed by HF module name.
     num_groups_overrides: dict[str, int] = field(default_factory=dict)
 
@@ -189,6 +204,10 @@ class ChannelMergedConfig:
         for name, kk in overrides.items():
             if not isinstance(kk, int) or not 1 <= kk <= len(experts):
                 raise FormatError(f"{where}.num_groups_overrides[{name!r}] is {kk!r}; expected 1..{len(experts)}")
+        en = d.get("expert_norms") or []
+        if not isinstance(en, list) or any(m not in EXPERT_NORM_MODULES for m in en):
+            raise FormatError(f"{where}.expert_norms is {en!r}; this build supports only "
+                              f"{list(EXPERT_NORM_MODULES)}")
         known = {f.name for f in cls.__dataclass_fields__.values()}  # type: ignore[attr-defined]
         return cls(**{k_: v for k_, v in d.items() if k_ in known})
 

@@ -7,7 +7,8 @@ with four additions:
   (per request) from the runner adapter / model state in :mod:`vllm_channelmerge.compat`
   and publishes them for the layers; without them (profiling, dummy runs) every token is
   expert 0;
-* ``compute_logits`` gives the lm_head the ids of its rows (one per request);
+* ``compute_logits`` gives the lm_head the ids of its rows (one per request) and applies
+  each row's expert norm (the final norm kept per expert, format ``expert_norms``);
 * ``get_model_state_cls`` returns the Model Runner V2 state that produces the ids;
 * ``load_weights`` skips sidecar tensors and fails with a clear error on missing tensors.
 """
@@ -41,6 +42,15 @@ class ChannelMergedMixin:
         qc = vllm_config.model_config.hf_config.quantization_config
         self.cm_config = fmt.ChannelMergedConfig.from_dict(qc)
         compat.STEP.configure(self.cm_config.num_experts)
+        # The final norm kept per expert: stored as ones in the model, each expert's weight
+        # here, applied to the rows given to the lm_head (a tied lm_head stays tied).
+        if self.cm_config.expert_norms:
+            hidden = vllm_config.model_config.hf_config.hidden_size
+            self.cm_expert_norm = torch.nn.Parameter(
+                torch.ones(self.cm_config.num_experts, hidden, dtype=vllm_config.model_config.dtype),
+                requires_grad=False)
+        else:
+            self.register_parameter("cm_expert_norm", None)
         for m in self.modules():
             qm = getattr(m, "quant_method", None)
             if isinstance(qm, ChannelMergedLinearMethod):
@@ -58,7 +68,9 @@ class ChannelMergedMixin:
         return out
 
     def compute_logits(self, hidden_states: torch.Tensor):
-        compat.STEP.logits_batch = compat.STEP.rows_batch(hidden_states)
+        batch = compat.STEP.logits_batch = compat.STEP.rows_batch(hidden_states)
+        if self.cm_expert_norm is not None:
+            hidden_states = hidden_states * self.cm_expert_norm[batch.expert_ids]
         try:
             return super().compute_logits(hidden_states)
         finally:
@@ -68,13 +80,25 @@ class ChannelMergedMixin:
         return compat.model_state_cls(self.cm_config.experts)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        norm_tensors = {fmt.expert_norm_name(m) for m in self.cm_config.expert_norms}
+        got_norm = set()
+
         def _filter():
             for name, w in weights:
                 if name.startswith(SIDECAR_PREFIXES):
                     continue
+                if name in norm_tensors:
+                    self._load_expert_norm(name, w)
+                    got_norm.add(name)
+                    continue
                 yield name, w
 
         loaded = set(super().load_weights(_filter()))
+        if norm_tensors - got_norm:
+            raise fmt.FormatError(f"checkpoint tensor {sorted(norm_tensors - got_norm)[0]!r} is missing "
+                                  "(quantization_config.expert_norms lists its norm)")
+        if got_norm:
+            loaded.add("cm_expert_norm")
         expected = {n for n, _ in self.named_parameters()}
         if getattr(self.config, "tie_word_embeddings", False):
             expected = {n for n in expected if not n.startswith("lm_head.")}
@@ -83,6 +107,15 @@ class ChannelMergedMixin:
             shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
             raise fmt.FormatError(f"checkpoint is missing tensors for: {shown}")
         return loaded
+
+    def _load_expert_norm(self, name: str, w: torch.Tensor) -> None:
+        want = tuple(self.cm_expert_norm.shape)
+        if tuple(w.shape) != want:
+            raise fmt.FormatError(f"checkpoint tensor {name!r} has shape {tuple(w.shape)}, expected {want} "
+                                  "(experts x hidden)")
+        if not bool(torch.isfinite(w).all()):
+            raise fmt.FormatError(f"checkpoint tensor {name!r} contains NaN or Inf")
+        self.cm_expert_norm.data.copy_(w)
 
 
 class ChannelMergedLlamaForCausalLM(ChannelMergedMixin, LlamaForCausalLM):

@@ -95,7 +95,11 @@ class ChannelMergedQuantConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Optional[QuantizeMethodBase]:
         if isinstance(layer, VocabParallelEmbedding):  # embed_tokens and lm_head
-            return ChannelMergedEmbeddingMethod(self.cm, prefix, is_head=isinstance(layer, ParallelLMHead))
+            head = isinstance(layer, ParallelLMHead)
+            # vLLM's Llama/Mistral/Qwen2 build embed_tokens without a prefix: name it, so that
+            # its own K (num_groups_overrides) applies.
+            prefix = prefix or (fmt.LM_HEAD_MODULE if head else fmt.EMBED_MODULE)
+            return ChannelMergedEmbeddingMethod(self.cm, prefix, is_head=head)
         if isinstance(layer, LinearBase):
             return ChannelMergedLinearMethod(self.cm, prefix)
         return None

@@ -52,14 +52,18 @@ def vllm_env(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def merged_family(tmp_path_factory):
     """A tiny Llama family (hidden 128, head_dim 64, float32), 3 experts merged at K=2, and
-    each expert extracted as a dense checkpoint (the stock-vLLM reference)."""
+    each expert extracted as a dense checkpoint (the stock-vLLM reference).
+
+    Shaped like the real SmolLM2 experts: tied embeddings, frozen during fine-tuning (so
+    stored once, K=1, with the lm_head tied to them) and the final norm kept per expert."""
     from merge_tool.config import MergeConfig
     from merge_tool.extract import extract_expert
     from merge_tool.merge import run_merge
     from merge_tool.synthetic import make_family
 
     root = tmp_path_factory.mktemp("family")
-    base, dirs = make_family(root / "src", EXPERTS, arch="llama", true_groups=2)
+    base, dirs = make_family(root / "src", EXPERTS, arch="llama", true_groups=2, tie_word_embeddings=True,
+                             frozen=("embed_tokens",))
     cfg = MergeConfig(base_model=str(base), experts=[{"name": n, "model": str(p)} for n, p in dirs.items()],
                       num_groups=2, method="average")
     merged = run_merge(cfg, root / "merged", progress=False)

@@ -419,3 +419,42 @@ def test_config_hook_installs_the_router_of_the_model_dir(tmp_path):
             compat.update_vllm_config(cfg)
     finally:
         serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
+
+
+# --- expert norm loading ----------------------------------------------------------------------
+
+def test_expert_norm_is_loaded_and_checked():
+    """`model.norm.expert_weight` goes to the wrapper's own parameter, never to vLLM's loader;
+    a missing or misshapen one is a FormatError naming the tensor."""
+    pytest.importorskip("vllm")
+    from vllm_channelmerge.models import ChannelMergedMixin
+
+    class Stock(torch.nn.Module):  # stands in for vLLM's LlamaForCausalLM
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+            self.config = types.SimpleNamespace(tie_word_embeddings=True)
+
+        def load_weights(self, weights):
+            names = set()
+            for n, t in weights:
+                assert n == "w", f"vLLM's loader got {n}"
+                names.add(n)
+            return names
+
+    class Wrapped(ChannelMergedMixin, Stock):
+        def __init__(self):
+            super().__init__()
+            self.cm_config = fmt.ChannelMergedConfig(experts=["a", "b"], num_groups=2, expert_norms=["model.norm"])
+            self.cm_expert_norm = torch.nn.Parameter(torch.ones(2, 4), requires_grad=False)
+
+    m = Wrapped()
+    norm = torch.arange(8.0).reshape(2, 4)
+    assert m.load_weights([("w", torch.ones(3)), ("model.norm.expert_weight", norm)]) == {"w", "cm_expert_norm"}
+    assert torch.equal(m.cm_expert_norm.data, norm)
+    with pytest.raises(fmt.FormatError, match="'model.norm.expert_weight' is missing"):
+        Wrapped().load_weights([("w", torch.ones(3))])
+    with pytest.raises(fmt.FormatError, match=r"'model.norm.expert_weight' has shape \(3, 4\)"):
+        Wrapped().load_weights([("w", torch.ones(3)), ("model.norm.expert_weight", torch.ones(3, 4))])
+    with pytest.raises(fmt.FormatError, match="expert_norms"):
+        fmt.ChannelMergedConfig.from_dict({**m.cm_config.to_dict(), "expert_norms": ["model.layers.0.input_layernorm"]})
