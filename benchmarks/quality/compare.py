@@ -20,7 +20,16 @@ System names:
 - ``ensemble`` is derived (not served): each task scored by its own expert (the four
   ``expert_*`` rows), 4x the parameters (params ratio 1.0).
 
+Merged systems take hyperparameters after ``@``: ``channel_k2_ties@density=0.7,scale=1.0``.
+They are settled on the validation split (``--split val``: results go to ``sweep.json`` and
+the report's hyperparameter section, never to the test table).
+
+The single-model merges (K=1) are the classic ones: norms merged with the method too
+(``fold_norms: false``), so nothing is kept per expert. Channel merges fold the layer norms
+and keep the final norm per expert (exact, ``docs/format.md``).
+
     python -m benchmarks.quality.compare --systems channel_k2_average single_average
+    python -m benchmarks.quality.compare --split val --systems channel_k2_ties@density=0.3
     python -m benchmarks.quality.compare --report-only        # rewrite RESULTS.md + plot
 """
 
@@ -49,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORK = ROOT / "work" / "quality"
 RESULTS_JSON = HERE / "results.json"
+SWEEP_JSON = HERE / "sweep.json"
 RESULTS_MD = HERE / "RESULTS.md"
 PLOT_PNG = HERE / "accuracy_vs_params.png"
 
@@ -65,8 +75,36 @@ ROUTER_PROMPTS_PER_TASK = 300
 
 # ----------------------------------------------------------------------------- systems
 
+def _param_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parse_system(name: str) -> dict[str, Any]:
-    """What a system name means: kind, K, method, and how it is served."""
+    """What a system name means: kind, K, method, hyperparameters, and how it is served."""
+    name, _, hp = name.partition("@")
+    params: dict[str, Any] = {}
+    for kv in filter(None, hp.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise ValueError(f"{name}@{hp}: hyperparameters are key=value pairs separated by commas")
+        params[k] = _param_value(v)
+    spec = _parse_name(name)
+    if params and spec["kind"] not in ("channel", "single_merge", "auto"):
+        raise ValueError(f"{name}: only merged systems take hyperparameters")
+    if params:
+        from merge_tool.config import MethodParams
+
+        MethodParams(**params)  # fail early on a bad name or value
+    spec["parameters"] = params
+    return spec
+
+
+def _parse_name(name: str) -> dict[str, Any]:
     parts = name.split("_")
     if name == "base":
         return {"kind": "base", "num_groups": None, "method": None}
@@ -87,7 +125,8 @@ def parse_system(name: str) -> dict[str, Any]:
 
 def merged_dir(spec: dict[str, Any]) -> Path:
     k, m = spec["num_groups"], spec["method"]
-    return WORK / (f"single_{m}" if k == 1 else f"channel_k{k}_{m}")
+    hp = ",".join(f"{a}={b}" for a, b in sorted(spec["parameters"].items()))
+    return WORK / ((f"single_{m}" if k == 1 else f"channel_k{k}_{m}") + (f"@{hp}" if hp else ""))
 
 
 def build_merged(spec: dict[str, Any]) -> Path:
@@ -100,7 +139,8 @@ def build_merged(spec: dict[str, Any]) -> Path:
         return out
     cfg = MergeConfig(base_model=str(_abs(BASE_DIR)),
                       experts=[{"name": t, "model": str(_abs(EXPERTS_DIR / t))} for t in TASKS],
-                      num_groups=spec["num_groups"], method=spec["method"])
+                      num_groups=spec["num_groups"], method=spec["method"], parameters=spec["parameters"],
+                      fold_norms=spec["num_groups"] > 1)  # K=1: the classic merge, norms merged too
     t0 = time.time()
     run_merge(cfg, out, progress=False)
     print(f"merged {out.name} in {time.time() - t0:.1f} s", flush=True)
@@ -166,10 +206,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_cmd(spec: dict[str, Any], model_dir: Path, name: str, port: int) -> list[str]:
+def server_cmd(spec: dict[str, Any], model_dir: Path, served: Optional[str], port: int) -> list[str]:
+    """Stock vLLM (serving the model as `served`) for an expert or the base; else channelmerge."""
     if spec["kind"] in ("expert", "base"):
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", name, "--port", str(port), *SERVER_ARGS]
+                "--served-model-name", str(served), "--port", str(port), *SERVER_ARGS]
     return [str(Path(sys.executable).parent / "channelmerge"), "serve", str(model_dir),
             "--port", str(port), *SERVER_ARGS]
 
@@ -232,7 +273,7 @@ def _group_alive(pgid: int) -> bool:
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(name: str, concurrency: int, limit: Optional[int]) -> dict[str, Any]:
+def measure(name: str, concurrency: int, limit: Optional[int], split: str = "test") -> dict[str, Any]:
     spec = parse_system(name)
     if spec["kind"] == "expert":
         model_dir, tasks, served = _abs(EXPERTS_DIR / spec["task"]), [spec["task"]], spec["task"]
@@ -246,16 +287,17 @@ def measure(name: str, concurrency: int, limit: Optional[int]) -> dict[str, Any]
     port = free_port()
     t0 = time.time()
     entry: dict[str, Any] = {"kind": spec["kind"], "num_groups": spec["num_groups"], "method": spec["method"],
+                             "parameters": spec["parameters"], "split": split,
                              "params_ratio": params_ratio(spec, model_dir), "accuracy": {}}
     if spec["kind"] in ("channel", "single_merge", "auto"):
         entry["merge_error"] = merge_error(model_dir)
-    with Server(server_cmd(spec, model_dir, name, port), port, WORK / "logs" / f"{name}.log") as srv:
+    with Server(server_cmd(spec, model_dir, served, port), port, WORK / "logs" / f"{name}.log") as srv:
         entry["server_start_seconds"] = srv.start_seconds
         routed: dict[str, dict[str, int]] = {}
         for t in tasks:
             model = served or ("auto" if spec["kind"] == "auto" else t)
             gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model, concurrency=concurrency)
-            res = evaluate(gen, [t], "test", limit, verbose=True)
+            res = evaluate(gen, [t], split, limit, verbose=True)
             entry["accuracy"][t] = res["accuracy"][t]
             entry.setdefault("eval_seconds", {})[t] = res["seconds"][t]
             entry.setdefault("samples", {})[t] = res["samples"][t][:2]
@@ -274,7 +316,7 @@ def measure(name: str, concurrency: int, limit: Optional[int]) -> dict[str, Any]
         entry["note"] = "scored on its own task only"
     entry["model_dir"] = str(model_dir.relative_to(ROOT))
     entry["server"] = "stock vLLM" if spec["kind"] in ("expert", "base") else "channelmerge serve"
-    entry["items_per_task"] = limit or 200
+    entry["items_per_task"] = limit or (200 if split == "test" else 100)
     entry["seconds"] = round(time.time() - t0, 1)
     entry["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return entry
@@ -373,6 +415,17 @@ def write_report(res: dict[str, Any], notes: str = "") -> None:
             lines.append(f"- `{n}`: routing accuracy {_pct(s.get('routing_accuracy'))} (response `model` "
                          f"field), end-to-end average {_pct(s.get('average'))}{o}.")
         lines.append("")
+    if SWEEP_JSON.exists():
+        sweep = json.loads(SWEEP_JSON.read_text())["systems"]
+        lines += ["## Hyperparameters, settled on the validation split", "",
+                  "Validation split (100 items per task, disjoint from the test split), same serving path. "
+                  "Generated from `sweep.json` (`--split val`).", "",
+                  "| system | " + " | ".join(res["tasks"]) + " | average | params ÷ ensemble |",
+                  "|---|" + "---|" * len(res["tasks"]) + "---|---|"]
+        for n, s in sorted(sweep.items()):
+            lines.append(f"| `{n}` | " + " | ".join(_pct(s["accuracy"].get(t)) for t in res["tasks"])
+                         + f" | {_pct(s.get('average'))} | {s['params_ratio']:.3f} |")
+        lines.append("")
     lines += ["## Notes", "", notes.strip() or "–", ""]
     RESULTS_MD.write_text("\n".join(lines))
 
@@ -382,6 +435,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, help="systems to measure, in order")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--limit", type=int, help="first N test items per task (smoke runs; not written)")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="val: settle hyperparameters (results to sweep.json, not to the test table)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
     ap.add_argument("--notes", type=Path, help="markdown file: notes for RESULTS.md (kept in results.json)")
     a = ap.parse_args(argv)
@@ -393,9 +448,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not a.report_only:
         for name in a.systems:
             print(f"== {name}", flush=True)
-            entry = measure(name, a.concurrency, a.limit)
+            entry = measure(name, a.concurrency, a.limit, a.split)
             print(f"{name}: {json.dumps(entry['accuracy'])} average {entry['average']}", flush=True)
             if a.limit:
+                continue
+            if a.split == "val":
+                sweep = json.loads(SWEEP_JSON.read_text()) if SWEEP_JSON.exists() else {"systems": {}}
+                sweep["systems"][name] = entry
+                SWEEP_JSON.write_text(json.dumps(sweep, indent=2) + "\n")
+                write_report(load_results(), load_results().get("notes", ""))
                 continue
             res = load_results()
             res["systems"][name] = entry

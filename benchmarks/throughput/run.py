@@ -5,6 +5,8 @@ Systems (same prompts, greedy, fixed output length, N experts, K groups):
   b  channelmerge serving all N experts, requests spread evenly (round robin) over them
   c  the ensemble: N stock vLLM servers, one per dense expert, each given its share at once
   d  channelmerge with every request for one expert
+  d_cache  d with the hot-expert cache holding that expert's dense copy
+           (CHANNELMERGE_HOT_CACHE_BYTES = one expert's weight bytes)
 The load generator is vLLM's own serving benchmark (`vllm.benchmarks.serve`); its
 `--lora-modules NAME... --lora-assignment round-robin` sets each request's `model`.
 
@@ -114,24 +116,26 @@ class RssMonitor:
         self._t.join()
 
 
-def server_env(threads_bind: str) -> dict[str, str]:
+def server_env(threads_bind: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     cache = WORK / "cache"
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+    return {**os.environ, **(extra or {}), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
             "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": threads_bind,
             "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
 
 
+SYSTEMS = ("a", "b", "c", "d", "d_cache")
 COMMON_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                "--max-num-seqs", "64"]
 
 
 @contextmanager
-def servers(cmds: list[list[str]], ports: list[int], logs: list[Path]) -> Iterator[list[subprocess.Popen]]:
+def servers(cmds: list[list[str]], ports: list[int], logs: list[Path],
+            extra_env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen]]:
     procs = []
     try:
         for cmd, lp in zip(cmds, logs):
             log.info("starting: %s", " ".join(cmd))
-            procs.append(subprocess.Popen(cmd, env=server_env("auto"), stdout=lp.open("w"),
+            procs.append(subprocess.Popen(cmd, env=server_env("auto", extra_env), stdout=lp.open("w"),
                                           stderr=subprocess.STDOUT))
         for port, p in zip(ports, procs):
             wait_until_ready(f"http://127.0.0.1:{port}/v1", p)
@@ -211,8 +215,12 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
         ports = [free_port()]
         cmds = [channelmerge_cmd(merged, ports[0])]
         wbytes = weight_bytes(merged)
+    env = {}
+    if system == "d_cache":  # room for one dense expert (weights counted once more below)
+        env["CHANNELMERGE_HOT_CACHE_BYTES"] = str(int(1.05 * weight_bytes(experts[first])))
+        wbytes += weight_bytes(experts[first])
     rows = []
-    with servers(cmds, ports, [logs / f"{system}-{i}.log" for i in range(len(cmds))]) as procs:
+    with servers(cmds, ports, [logs / f"{system}-{i}.log" for i in range(len(cmds))], env) as procs:
         with RssMonitor([p.pid for p in procs]) as mon:
             for conc in concs:
                 n_prompts = max(a.prompts_per_concurrency * conc, a.min_prompts)
@@ -252,12 +260,16 @@ def write_report(rows: list[dict], meta: dict) -> None:
                      f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
     lines += ["", "Ratios (targets: b/a ≥ 0.8 at 32, d/a ≥ 0.95, b/c ≥ 1.5, weight b/c ≤ 0.55):", ""]
     for conc in sorted({r["concurrency"] for r in rows}):
-        tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in "abcd" if (s, conc) in by}
-        parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}" for x, y in (("b", "a"), ("d", "a"), ("b", "c")) if x in tp and y in tp]
+        tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in SYSTEMS if (s, conc) in by}
+        parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}" for x, y in (("b", "a"), ("d", "a"), ("d_cache", "a"), ("b", "c"))
+                 if x in tp and y in tp]
         lines.append(f"- concurrency {conc}: " + ", ".join(parts))
     if ("b", rows[0]["concurrency"]) in by and ("c", rows[0]["concurrency"]) in by:
         wb = by[("b", rows[0]["concurrency"])]["weight_bytes"] / by[("c", rows[0]["concurrency"])]["weight_bytes"]
         lines.append(f"- weight bytes b/c = {wb:.2f}")
+    notes = HERE / "notes.md"  # the reading of the numbers, written by hand after a run
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -265,9 +277,10 @@ def write_report(rows: list[dict], meta: dict) -> None:
         import matplotlib.pyplot as plt
 
         labels = {"a": "a: one dense expert (stock)", "b": "b: channelmerge, mixed",
-                  "c": "c: ensemble of stock servers", "d": "d: channelmerge, one expert"}
+                  "c": "c: ensemble of stock servers", "d": "d: channelmerge, one expert",
+                  "d_cache": "d with the hot-expert cache"}
         fig, ax = plt.subplots(figsize=(6, 4))
-        for s in "abcd":
+        for s in SYSTEMS:
             pts = sorted((r["concurrency"], r["output_tokens_per_s"]) for r in rows if r["system"] == s)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=labels[s])
@@ -284,7 +297,7 @@ def write_report(rows: list[dict], meta: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", nargs="+", default=list("abcd"), choices=list("abcd"))
+    ap.add_argument("--systems", nargs="+", default=list("abcd"), choices=[*"abcd", "d_cache"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--num-experts", type=int, default=4)
     ap.add_argument("--num-groups", type=int, default=2)
