@@ -13,6 +13,8 @@ linears of the stock model show as ``aten::linear``.
 
 Each run writes ``work/throughput/profile-<system>.json`` (the buckets) and, with
 ``--report``, all present runs are summarised into ``benchmarks/throughput/PROFILE.md``.
+The engine runs one thread by default (``--threads``): on a shared 2-core machine, OpenMP
+threads wait for each other whenever one is descheduled, which inflates short ops.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ WORK = ROOT / "work" / "throughput"
 
 # Buckets: a profiler event name -> the part of the step it belongs to. Inclusive CPU time
 # of these top-level events is summed; the rest of the step is "other".
-LINEAR_EVENTS = ("aten::linear",)
+LINEAR_EVENTS = ("aten::linear", "_C::onednn_mm")  # F.linear; vLLM's prepacked CPU GEMM
 ATTENTION_MARKERS = ("attention", "attn", "paged")
 
 
@@ -67,9 +69,11 @@ def _prompts(tokenizer_dir: Path, n: int, input_len: int, seed: int) -> list[lis
     return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(n)]
 
 
-def run(system: str, concurrency: int, input_len: int, output_len: int, seed: int) -> dict:
+def run(system: str, concurrency: int, input_len: int, output_len: int, seed: int, threads: int = 1) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # else vLLM drops to 1 thread in-process
+    # One thread by default: on a shared machine, OpenMP threads of every op wait for each
+    # other when one is descheduled, which inflates short ops; one thread keeps the shares true.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -107,7 +111,8 @@ def run(system: str, concurrency: int, input_len: int, output_len: int, seed: in
             buckets[key] = total(key)
     # stock: every linear and the lm_head are aten::linear; channelmerge: its strategies
     # (q/k/v, o, gate/up, down, and the lm_head inside channelmerge::logits)
-    buckets["aten::linear (all, inclusive)"] = sum(total(k) for k in LINEAR_EVENTS)
+    buckets["GEMMs: " + " + ".join(LINEAR_EVENTS) + " (inside the above for channelmerge)"] = sum(
+        total(k) for k in LINEAR_EVENTS)
     attn = [k for k in events if any(m in k.lower() for m in ATTENTION_MARKERS) and not k.startswith("channelmerge")]
     top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return {
@@ -136,7 +141,7 @@ def report() -> Path:
         lines += [f"## {labels[s]}", "",
                   f"{r['concurrency']} requests at once, {r['input_len']} in / {r['output_len']} out tokens; "
                   f"{r['output_tokens']} tokens in {r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tok/s "
-                  "(under the profiler).", "",
+                  f"(under the profiler, {r['threads']} thread).", "",
                   "| part (inclusive CPU time) | s | share of wall |", "|---|---|---|"]
         for k, v in sorted(r["buckets_s"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| `{k}` | {v:.2f} | {v / r['wall_s']:.0%} |")
@@ -160,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of the engine")
     ap.add_argument("--report", action="store_true", help="summarise the runs present into PROFILE.md")
     a = ap.parse_args(argv)
     if a.system:
-        r = run(a.system, a.concurrency, a.input_len, a.output_len, a.seed)
+        r = run(a.system, a.concurrency, a.input_len, a.output_len, a.seed, a.threads)
         WORK.mkdir(parents=True, exist_ok=True)
         (WORK / f"profile-{a.system}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps({k: r[k] for k in ("system", "tokens_per_s", "buckets_s")}, indent=1))
