@@ -386,7 +386,8 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
 def write_report(res: dict[str, Any], notes: str = "") -> None:
     systems = sorted(res["systems"].items(),
                      key=lambda kv: (ORDER.get(kv[1]["kind"], 9), kv[1].get("num_groups") or 0,
-                                     [t for t in res["tasks"] if t in kv[0]] or kv[0], kv[0]))
+                                     METHODS.index(kv[1]["method"]) if kv[1].get("method") in METHODS else 0,
+                                     kv[0]))
     lines = ["# Quality comparison: channel merging of four real experts, served through vLLM", "",
              "Test split of each task (200 items, greedy, max tokens per task as in `tasks.py`), scored by "
              "`tasks.score` through the `openai` client against a live server: `channelmerge serve` for merged "
