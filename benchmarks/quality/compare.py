@@ -361,16 +361,24 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(n, s) for n, s in res["systems"].items() if s.get("average") is not None]
+    pts = {n: s for n, s in res["systems"].items() if s.get("average") is not None}
     if not pts:
         return None
-    colors = {"ensemble": "black", "channel": "tab:blue", "auto": "tab:purple", "single_merge": "tab:red",
-              "base": "tab:gray", "expert": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for n, s in pts:
-        ax.scatter(s["params_ratio"], 100 * s["average"], color=colors.get(s["kind"], "tab:orange"), s=40)
-        ax.annotate(n, (s["params_ratio"], 100 * s["average"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+    # One line per in-group method through K = 1 (the single merge), 2, 3 (default hyperparameters).
+    for m, color in zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        line = sorted((s["params_ratio"], 100 * s["average"]) for s in pts.values()
+                      if s["kind"] in ("channel", "single_merge") and s["method"] == m and not s.get("parameters"))
+        if line:
+            ax.plot(*zip(*line), marker="o", color=color, label=f"{m} (K = 1, 2, 3)")
+    marks = {"ensemble": ("black", "s"), "auto": ("tab:purple", "*"), "base": ("tab:gray", "v")}
+    for n, s in pts.items():
+        if s["kind"] in marks:
+            color, marker = marks[s["kind"]]
+            ax.scatter(s["params_ratio"], 100 * s["average"], color=color, marker=marker, s=70, zorder=3)
+            ax.annotate(n, (s["params_ratio"], 100 * s["average"]), textcoords="offset points",
+                        xytext=(6, -12 if s["kind"] == "auto" else 4), fontsize=8)
+    ax.legend(loc="center right", fontsize=8)
     ax.set_xlabel("parameters stored ÷ ensemble of 4 experts")
     ax.set_ylabel("average test accuracy over 4 tasks (%)")
     ax.set_title("SmolLM2-135M experts (arith, date, reverse, code), served through vLLM")
