@@ -3,8 +3,9 @@
 The result loads in stock `transformers` and stock vLLM: each channel's row is looked up in
 the expert's group, folded norms are unfolded back (divide the columns by the expert's
 original norm weight, kept in the sidecar) where that is exact (no zero in the norm), an
-expert norm becomes that expert's row of ``<norm>.expert_weight``, the original architecture is restored and `quantization_config` dropped. It is what the merged
-checkpoint computes for that expert, so it is the reference for the runtime's tests.
+expert norm becomes that expert's row of ``<norm>.expert_weight``, the original architecture
+is restored and `quantization_config` dropped. It is what the merged checkpoint computes for
+that expert, so it is the reference for the runtime's tests.
 """
 
 from __future__ import annotations
