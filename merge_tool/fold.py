@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_channelmerge import format as fmt
+
 FOLDABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 LAYER_FOLDS: dict[str, tuple[str, ...]] = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
 }
 FINAL_NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
-EMBED = "model.embed_tokens.weight"
+LM_HEAD = fmt.LM_HEAD_MODULE + ".weight"
+EMBED = fmt.EMBED_MODULE + ".weight"
 _LAYER_NORM_RE = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(LAYER_FOLDS) + r")\.weight$")
 
 
