@@ -530,7 +530,7 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
     try:
         with staged_dir(out) as tmp:
             writer = StreamingShardWriter(tmp, planned, config.shard_bytes,
-                                          metadata={"channelmerge_format_version": str(fmt.FORMAT_VERSION)})
+                                          metadata=fmt.shard_metadata(config.expert_names))
             try:
                 merger = _Merger(config, base, experts, dev, fp)
                 stats = MergeStats()

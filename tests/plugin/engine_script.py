@@ -6,6 +6,7 @@ A script, not a test: vLLM spawns its workers, so engines run in their own proce
     engine_script.py plugin MERGED OUT.json [--tp N] [--quick]
     engine_script.py ref OUT.json NAME=DIR [NAME=DIR ...]
     engine_script.py load MERGED          (exit 0 if the engine starts)
+    engine_script.py refusals MERGED OUT.json   (start-up settings the plugin must refuse)
 """
 
 from __future__ import annotations
@@ -94,8 +95,12 @@ def run_plugin(merged: str, out_path: str, tp: int = 1, quick: bool = False) -> 
         # experts in one batch.
         outs = llm.generate([PROMPTS[1], PROMPTS[1]], [_prompt_sp(a), _prompt_sp(b)], use_tqdm=False)
         res["prompt_logprobs"] = {a: _prompt_lps(outs[0]), b: _prompt_lps(outs[1])}
-        # No expert at all means expert 0.
-        res["default"] = [_record(o) for o in llm.generate(PROMPTS[:1], _sp(None), use_tqdm=False)]
+        # No expert at all (and no default_expert in the checkpoint) is refused at admission.
+        try:
+            llm.generate(PROMPTS[:1], _sp(None), use_tqdm=False)
+            res["no_expert_error"] = None
+        except Exception as exc:  # noqa: BLE001
+            res["no_expert_error"] = f"{type(exc).__name__}: {exc}"
     json.dump(res, open(out_path, "w"))
 
 
@@ -122,6 +127,27 @@ def run_load(merged: str) -> None:
     LLM(model=merged, **ENGINE_KW)
 
 
+def run_refusals(merged: str, out_path: str) -> None:
+    """Build the engine config (the plugin's config hook runs; no engine starts) for each
+    setting the plugin must refuse at start-up; record each error (None: accepted)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    cases = {
+        "plain_cpu_worker": {"worker_cls": "vllm.v1.worker.cpu_worker.CPUWorker"},
+        "pipeline_parallel": {"pipeline_parallel_size": 2},
+        "data_parallel": {"data_parallel_size": 2},
+        "plugin_worker": {"worker_cls": "vllm_channelmerge.compat.ChannelMergedCPUWorker"},
+    }
+    res = {}
+    for name, kw in cases.items():
+        try:
+            EngineArgs(model=merged, **{**ENGINE_KW, **kw}).create_engine_config()
+            res[name] = None
+        except Exception as exc:  # noqa: BLE001
+            res[name] = f"{type(exc).__name__}: {exc}"
+    json.dump(res, open(out_path, "w"))
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "plugin":
@@ -131,6 +157,8 @@ def main(argv: list[str]) -> int:
         run_ref(argv[1], argv[2:])
     elif mode == "load":
         run_load(argv[1])
+    elif mode == "refusals":
+        run_refusals(argv[1], argv[2])
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -71,5 +71,9 @@ def test_unknown_expert_is_refused_offline(plugin_run):
     assert err is not None and "no-such-expert" in err and "math" in err
 
 
-def test_no_expert_means_expert_zero(plugin_run):
-    assert plugin_run["default"][0]["tokens"] == plugin_run["single"][EXPERTS[0]][0]["tokens"]
+def test_no_expert_is_refused_offline(plugin_run):
+    """Without a default_expert in the checkpoint, a request naming no expert is refused (it
+    used to be answered silently by the first expert)."""
+    err = plugin_run["no_expert_error"]
+    assert err is not None and "names no expert" in err
+    assert all(e in err for e in EXPERTS)

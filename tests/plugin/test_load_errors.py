@@ -19,13 +19,18 @@ def _copy(merged: Path, dst: Path) -> Path:
 
 
 def _edit_tensors(d: Path, fn) -> None:
+    """Rewrite every shard through `fn(state_dict)`, keeping its safetensors metadata (the
+    expert binding) so that only the edit is wrong."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     idx = json.loads((d / "model.safetensors.index.json").read_text()) if (d / "model.safetensors.index.json").exists() else None
     for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            meta = h.metadata()
         sd = load_file(str(f))
         new = fn(dict(sd))
-        save_file(new, str(f), metadata={"format": "pt"})
+        save_file(new, str(f), metadata=meta)
         if idx is not None:
             idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if k in new or v != f.name}
     if idx is not None:
@@ -66,3 +71,31 @@ def test_wrong_shape(merged_family, vllm_env, tmp_path):
     _edit_tensors(d, cut)
     err = _fails(d, vllm_env)
     assert victim in err and "shape" in err
+
+
+def test_integer_weights_are_refused(merged_family, vllm_env, tmp_path):
+    """vLLM's loaders would cast an int32 weight into the float parameter without a word."""
+    import torch
+
+    d = _copy(merged_family["merged"], tmp_path / "m")
+    victim = "model.layers.0.mlp.up_proj.weight"
+
+    def to_int(sd):
+        sd[victim] = sd[victim].round().to(torch.int32)
+        return sd
+
+    _edit_tensors(d, to_int)
+    err = _fails(d, vllm_env)
+    assert victim in err and "floating point" in err
+
+
+def test_reordered_experts_are_refused(merged_family, vllm_env, tmp_path):
+    """The expert names are bound to the group_index rows inside the shards: a config whose
+    expert list was reordered would otherwise swap experts silently."""
+    d = _copy(merged_family["merged"], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    order = cfg["quantization_config"]["experts"]
+    cfg["quantization_config"]["experts"] = list(reversed(order))
+    (d / "config.json").write_text(json.dumps(cfg))
+    err = _fails(d, vllm_env)
+    assert str(order) in err and str(list(reversed(order))) in err and "reordered" in err
