@@ -1,7 +1,9 @@
 """`channelmerge` command line: merge, inspect, extract, make-synthetic, router, serve.
 
-Errors a user can fix (bad config, bad input, existing output) are printed as one line
-`channelmerge: error: ...` with exit status 2, without a traceback.
+Errors a user can fix (bad config, bad input, existing output, an I/O error such as a full
+disk or a read-only folder) are printed as one line `channelmerge: error: ...` with exit
+status 2, without a traceback. SIGTERM and Ctrl-C stop a command cleanly: its temporary
+output folder is removed (exit status 143 and 130).
 """
 
 from __future__ import annotations
@@ -9,11 +11,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 log = logging.getLogger("channelmerge")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException (like KeyboardInterrupt) so that every `finally` and
+    the staged output's cleanup run on the way out, and no `except Exception` swallows it."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while a command runs (the default action would kill the
+    process without removing its temporary folder); the previous handler is restored after.
+    Only the first SIGTERM raises: a second one must not interrupt the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -108,14 +141,22 @@ def _router_train(args: argparse.Namespace) -> int:
 
 
 def _train_router_into(merged: Path, path: Path, force: bool) -> int:
-    from merge_tool.io import staged_dir
-    from vllm_channelmerge.router import Router, router_dir, train_router
+    from merge_tool.io import check_not_overlapping, check_replaceable, staged_dir
+    from vllm_channelmerge.router import Router, router_dir, router_dir_problem, train_router
     from vllm_channelmerge.serving import experts_from_dir
 
     experts = experts_from_dir(merged)
-    target = router_dir(merged)
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    given = router_dir(merged).expanduser().absolute()
+    # router/ lives inside the checkpoint, but must not be (or hold) the checkpoint or the
+    # examples file, however the paths are spelled (a router/ symlink, `..`).
+    check_not_overlapping(given, [("the merged checkpoint", merged.expanduser().absolute()),
+                                  ("the examples file", path.expanduser().absolute())],
+                          FileExistsError, allow_inside=True)
+    target = Path(os.path.realpath(given))
+    if os.path.lexists(target):
+        if not force:
+            raise FileExistsError(f"{given} already exists; pass --force to replace it")
+        check_replaceable(target, router_dir_problem)
     examples = _read_router_examples(path, experts)
     missing = [e for e in experts if e not in examples]
     try:
@@ -124,15 +165,15 @@ def _train_router_into(merged: Path, path: Path, force: bool) -> int:
         raise RuntimeError(f"training a router needs scikit-learn: {e}") from None
 
     # Write beside the target and check that it loads before it replaces the old one.
-    with staged_dir(target) as tmp:
-        router.save(tmp)
+    with staged_dir(target, force=force, own=router_dir_problem) as tmp:
+        router.write_files(tmp)
         Router.load(tmp, experts=experts)
 
     texts = [t for n in examples for t in examples[n]]
     labels = [n for n in examples for _ in examples[n]]
     pred = router.predict(texts)
     right = sum(p == y for p, y in zip(pred, labels))
-    print(f"wrote {target}: {len(texts)} examples, training accuracy {right / len(texts):.3f}")
+    print(f"wrote {given}: {len(texts)} examples, training accuracy {right / len(texts):.3f}")
     for n in router.experts:
         idx = [i for i, y in enumerate(labels) if y == n]
         ok = sum(pred[i] == n for i in idx)
@@ -171,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge experts as described by a merge.yaml")
     m.add_argument("config", help="merge config (YAML), see docs/merge-config.md")
     m.add_argument("out", help="output folder (must not exist unless --force)")
-    m.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    m.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous channelmerge merge (or empty); nothing else")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs")
     m.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the math (default 1: the merge is memory-bound; 0 = torch default)")
@@ -187,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir")
     e.add_argument("name", help="expert name")
     e.add_argument("out")
-    e.add_argument("--force", action="store_true")
+    e.add_argument("--force", action="store_true",
+                   help="replace OUT if it is a previous channelmerge extract (or empty); nothing else")
     e.set_defaults(fn=_extract)
 
     s = sub.add_parser("make-synthetic", help="write a tiny random base + experts and a merge.yaml")
@@ -239,10 +282,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.cmd == "serve":
             return _serve(args, rest)
-        return int(args.fn(args))
-    except (ConfigError, InputError, FormatError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        with _sigterm_raises():
+            return int(args.fn(args))
+    except (ConfigError, InputError, FormatError, RuntimeError) as e:
         print(f"channelmerge: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"channelmerge: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("channelmerge: terminated by SIGTERM; the unfinished output was removed", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print("channelmerge: interrupted; the unfinished output was removed", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _os_error_line(e: OSError) -> str:
+    """`<path>: <cause>` for an OSError (ours carry a full message and no errno)."""
+    if e.filename is None or not e.strerror:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"{where}: {e.strerror}"
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ allowed values, because a merge that fails after minutes on a typo is the worst 
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from vllm_channelmerge import format as fmt
 
@@ -28,6 +30,53 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 
 class ConfigError(ValueError):
     """A merge config is invalid. The message names the file and the field."""
+
+
+# Numbers are strict: a bool (`true` is 1 to Python) or a string is never silently a number,
+# and a float must be finite (`.nan`, `.inf`) and in its field's range. An int is a float
+# (YAML reads `scale: 1` as an int). A string in exponent notation without a dot (`1e-3`) is
+# read as the number it spells, because YAML 1.1 (PyYAML) leaves such values as strings.
+_EXP_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+MAX_ABS_SCALE = 1e3
+MAX_INT = 2**63 - 1
+
+
+def _strict_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r} ({type(v).__name__})")
+    if not -MAX_INT <= v <= MAX_INT:
+        raise ValueError(f"{_short(v)} is out of range")
+    return v
+
+
+def _strict_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r} ({type(v).__name__})")
+    return v
+
+
+def _short(v: Any) -> str:
+    t = str(v)
+    return t if len(t) <= 24 else f"{t[:12]}...({len(t)} characters)"
+
+
+def _strict_float(v: Any) -> float:
+    if isinstance(v, str) and _EXP_FLOAT_RE.fullmatch(v.strip()):
+        v = float(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"expected a number, got {v!r} ({type(v).__name__})")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{_short(v)} is out of range") from None
+    if not math.isfinite(f):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return f
+
+
+StrictNumInt = Annotated[int, BeforeValidator(_strict_int)]
+StrictNumFloat = Annotated[float, BeforeValidator(_strict_float)]
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
 
 
 def parse_size(value: int | str) -> int:
@@ -51,8 +100,8 @@ class ExpertSpec(BaseModel):
     """One fine-tuned expert: its public (OpenAI model) name and its HF folder."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str
-    model: str
+    name: StrictStr
+    model: StrictStr
 
     @field_validator("name")
     @classmethod
@@ -67,12 +116,12 @@ class MethodParams(BaseModel):
     """Parameters of the in-group merge method (unused ones are ignored by a method)."""
 
     model_config = ConfigDict(extra="forbid")
-    scale: float = Field(1.0, description="lambda: task vectors are summed and scaled by it "
-                                          "(task_arithmetic, ties, dare)")
-    density: float = Field(0.5, description="fraction of each task vector kept (ties, dare)")
-    seed: int = Field(0, description="seed of DARE's random drop mask")
-    normalize: bool = Field(False, description="task_arithmetic/dare: divide the sum by the number "
-                                               "of group members (mergekit's `normalize`)")
+    scale: StrictNumFloat = Field(1.0, description="lambda: task vectors are summed and scaled by it "
+                                                   "(task_arithmetic, ties, dare); |scale| <= 1000")
+    density: StrictNumFloat = Field(0.5, description="fraction of each task vector kept (ties, dare)")
+    seed: StrictNumInt = Field(0, description="seed of DARE's random drop mask")
+    normalize: StrictBool = Field(False, description="task_arithmetic/dare: divide the sum by the number "
+                                                     "of group members (mergekit's `normalize`)")
 
     @model_validator(mode="before")
     @classmethod
@@ -91,6 +140,21 @@ class MethodParams(BaseModel):
             raise ValueError("density must be in (0, 1]")
         return v
 
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: float) -> float:
+        # Task vectors are small; a larger scale only overflows the output dtype.
+        if abs(v) > MAX_ABS_SCALE:
+            raise ValueError(f"scale is {v!r}; it must be between -{MAX_ABS_SCALE:g} and {MAX_ABS_SCALE:g}")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"seed is {v}; it must be >= 0")
+        return v
+
 
 _PARAM_KEYS = ("scale", "lambda", "density", "seed", "normalize")
 
@@ -100,7 +164,7 @@ class RouterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    examples: str = Field(description="JSON-lines file of example prompts per expert")
+    examples: StrictStr = Field(description="JSON-lines file of example prompts per expert")
 
 
 class MergeConfig(BaseModel):
@@ -108,27 +172,29 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str
+    base_model: StrictStr
     experts: list[ExpertSpec]
-    num_groups: int = Field(description="K: groups per channel, 1 <= K <= number of experts")
-    num_groups_overrides: dict[str, int] = Field(
+    num_groups: StrictNumInt = Field(description="K: groups per channel, 1 <= K <= number of experts")
+    num_groups_overrides: dict[StrictStr, StrictNumInt] = Field(
         default_factory=dict,
         description="glob pattern on tensor or module name -> K for the matching tensors")
     similarity: Literal["cosine", "euclidean"] = "cosine"
     method: Literal["average", "task_arithmetic", "ties", "dare"] = "average"
     parameters: MethodParams = Field(default_factory=MethodParams)
-    fold_norms: bool = True
-    collapse_identical: bool = Field(
+    fold_norms: StrictBool = True
+    collapse_identical: StrictBool = Field(
         True, description="store a channel tensor that every expert has identical once (K=1), exactly")
-    include: list[str] = Field(default_factory=lambda: ["*"])
-    exclude: list[str] = Field(default_factory=list)
+    include: list[StrictStr] = Field(default_factory=lambda: ["*"])
+    exclude: list[StrictStr] = Field(default_factory=list)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: int | str = "5GB"
-    allow_pickle_weights: bool = Field(
+    allow_pickle_weights: StrictBool = Field(
         False, description="load pytorch_model*.bin with torch.load(weights_only=True)")
-    block_rows: int = Field(4096, description="output channels processed at once (memory bound)")
-    kmeans_threshold: int = Field(
+    block_rows: StrictNumInt = Field(4096, description="output channels processed at once (memory bound)")
+    kmeans_threshold: StrictNumInt = Field(
         4096, description="enumerate partitions exactly when there are at most this many")
+    default_expert: Optional[StrictStr] = Field(
+        None, description="expert serving a request that names none; None refuses such requests")
     router: RouterSpec | None = Field(
         None, description="train the `auto` router after the merge (`channelmerge merge` only)")
 
@@ -163,17 +229,19 @@ class MergeConfig(BaseModel):
             seen.add(e.name)
         return v
 
-    @field_validator("max_shard_size")
+    @field_validator("max_shard_size", mode="before")
     @classmethod
-    def _shard(cls, v: int | str) -> int | str:
+    def _shard(cls, v: Any) -> int | str:
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError(f"expected a size such as 2GB, 500MB or a number of bytes, got {v!r}")
         parse_size(v)
         return v
 
     @field_validator("block_rows", "kmeans_threshold")
     @classmethod
     def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
+        if not 1 <= v <= 2**31 - 1:
+            raise ValueError(f"is {v}; it must be between 1 and {2**31 - 1}")
         return v
 
     @model_validator(mode="after")
@@ -187,6 +255,14 @@ class MergeConfig(BaseModel):
                 raise ValueError(f"num_groups_overrides[{pat!r}] is {k}; it must be between 1 and "
                                  f"the number of experts ({n})")
         return self
+
+    @field_validator("default_expert")
+    @classmethod
+    def _default_expert(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        experts = info.data.get("experts")
+        if v is not None and experts is not None and v not in [e.name for e in experts]:
+            raise ValueError(f"{v!r} is not one of the experts ({', '.join(e.name for e in experts)})")
+        return v
 
     # -- derived -----------------------------------------------------------------------------
 
@@ -281,15 +357,22 @@ def load_config(path: str | Path) -> MergeConfig:
     if not p.is_file():
         raise ConfigError(f"{p}: merge config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     return parse_config(data, str(p)).resolved(p.parent.resolve())
 
 
 def dump_config(cfg: MergeConfig) -> str:
     """YAML text of a config (what is written as `channelmerge.yaml`)."""
     data = cfg.model_dump(mode="json")
-    if data.get("router") is None:
-        data.pop("router", None)  # optional section: absent when unused
+    for key in ("router", "default_expert"):
+        if data.get(key) is None:
+            data.pop(key, None)  # optional: absent when unused
     return yaml.safe_dump(data, sort_keys=False)

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from merge_tool import fold as foldmod
-from merge_tool.io import (ModelReader, PlannedTensor, StreamingShardWriter,
-                           copy_tokenizer_files, staged_dir)
+from merge_tool.io import (EXTRACT_MARKER, ModelReader, PlannedTensor, StreamingShardWriter,
+                           check_not_overlapping, check_replaceable, copy_tokenizer_files,
+                           extract_output_problem, staged_dir)
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
@@ -39,16 +41,21 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
                    unfold_norms: bool = True, max_shard_size: int = 5 * 10**9) -> Path:
     """Write expert `name` of `merged_dir` as a dense HF checkpoint at `out_dir`; returns it.
 
-    Refuses an existing `out_dir` unless `force`; leaves nothing behind on error.
+    Refuses an existing `out_dir` unless `force`, and even then replaces only an expert that
+    `extract` wrote before (config.json key `channelmerge_extract`) or an empty folder; never
+    the merged checkpoint, a folder holding it, or one inside it. Leaves nothing behind on error.
     """
     src = Path(merged_dir)
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
-    if out == src.absolute() or out in src.absolute().parents:
-        raise FileExistsError(f"output folder {out} would overwrite the merged checkpoint {src}")
+    given = Path(out_dir).expanduser().absolute()
+    check_not_overlapping(given, [("the merged checkpoint", src.expanduser().absolute())], FileExistsError)
+    out = Path(os.path.realpath(given))
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{given} already exists; pass force=True (--force) to overwrite it")
+        check_replaceable(out, extract_output_problem)
     reader = ModelReader(src, "merged checkpoint")
     qc = fmt.read_quant_config(reader.config, str(src / fmt.CONFIG_FILE))
+    fmt.check_checkpoint_experts(str(src), qc.experts)  # a reordered list would extract another expert
     e = qc.expert_id(name)
     report = _read_report(src)
     # folded_norms lists modules (`model.norm`); the tensors are their `.weight`
@@ -98,9 +105,11 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
     if retie:
         planned = [p for p in planned if p.name != foldmod.LM_HEAD]
     cfg["tie_word_embeddings"] = was_tied and foldmod.FINAL_NORM not in folded
+    # Marks the folder as extract's own output: what `extract --force` may replace.
+    cfg[EXTRACT_MARKER] = {"expert": name, "merged_checkpoint": str(src.expanduser().absolute())}
 
     try:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, force=force, own=extract_output_problem) as tmp:
             writer = StreamingShardWriter(tmp, planned, max_shard_size)
             try:
                 for p in planned:
@@ -116,7 +125,7 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
                 f"`{qc.base_architecture}` checkpoint.\n")
     finally:
         reader.close()
-    return out
+    return given
 
 
 def _dense(reader: ModelReader, n: str, e: int, targets: dict[str, str], norms: dict[str, torch.Tensor],

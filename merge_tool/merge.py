@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from tqdm import tqdm
 from merge_tool import clustering, fold as foldmod, methods
 from merge_tool.config import ConfigError, MergeConfig, dump_config
 from merge_tool.io import (InputError, ModelReader, PlannedTensor, StreamingShardWriter,
-                           check_compatible, copy_tokenizer_files, staged_dir)
+                           check_compatible, check_not_overlapping, check_replaceable,
+                           copy_tokenizer_files, merged_output_problem, staged_dir)
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
@@ -420,7 +422,7 @@ def _config_json(cfg: MergeConfig, base: ModelReader, fp: foldmod.FoldPlan, jobs
         similarity=cfg.similarity, base_architecture=arch,
         folded_norms=[fmt.module_of(n) for n in fp.folded_norms],
         expert_norms=[fmt.module_of(n) for n in fp.expert_norms],
-        num_groups_overrides=overrides)
+        num_groups_overrides=overrides, default_expert=cfg.default_expert)
     c = dict(base.config)
     c["architectures"] = [wrapper]
     c["quantization_config"] = qc.to_dict()
@@ -508,13 +510,18 @@ def run_merge(config: MergeConfig, out_dir: str | Path, force: bool = False, dev
 
 def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: str, progress: bool) -> Path:
     t0 = time.perf_counter()
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
-    for src in [config.base_model, *(e.model for e in config.experts)]:
-        sp = Path(src).expanduser().absolute()
-        if out == sp or out in sp.parents:
-            raise ConfigError(f"output folder {out} would overwrite the input model {sp}")
+    given = Path(out_dir).expanduser().absolute()
+    # Inputs are compared resolved (symlinks, `..`, bind mounts): `a/../base` is the base.
+    inputs = [("the input model", Path(src).expanduser().absolute())
+              for src in [config.base_model, *(e.model for e in config.experts)]]
+    if config.router is not None:
+        inputs.append(("the router examples file", Path(config.router.examples).expanduser().absolute()))
+    check_not_overlapping(given, inputs, ConfigError)
+    out = Path(os.path.realpath(given))  # write beside the real folder, never through a symlink
+    if os.path.lexists(out):
+        if not force:
+            raise FileExistsError(f"{given} already exists; pass force=True (--force) to overwrite it")
+        check_replaceable(out, merged_output_problem)  # fail before the merge, not after it
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was requested but no CUDA GPU is available")
@@ -528,7 +535,7 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
         log.info("identical in every expert, stored once: %s", ", ".join(identical))
     planned = _planned_outputs(jobs, len(experts))
     try:
-        with staged_dir(out) as tmp:
+        with staged_dir(out, force=force, own=merged_output_problem) as tmp:
             writer = StreamingShardWriter(tmp, planned, config.shard_bytes,
                                           metadata=fmt.shard_metadata(config.expert_names))
             try:
@@ -546,7 +553,7 @@ def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: st
         for e in experts:
             e.close()
     log.info("wrote %s in %.1fs", out, time.perf_counter() - t0)
-    return out
+    return given
 
 
 def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: list[ModelReader],

@@ -123,3 +123,21 @@ def test_inspect_table_and_json(merged_llama_k2):
     assert "model.layers.0.self_attn.q_proj.weight" in text and "of the ensemble" in text
     assert "folded (stored as ones)" in text
     json.dumps(info)
+
+
+def test_extract_refuses_a_reordered_expert_list(tmp_path):
+    """Row n of every group_index belongs to the expert named n in the shards' metadata: with
+    the config's list reordered, extract would write another expert under this name."""
+    from merge_tool.config import MergeConfig
+    from merge_tool.synthetic import make_family
+
+    base, dirs = make_family(tmp_path / "src", ["a", "b"], arch="llama", true_groups=2)
+    cfg = MergeConfig(base_model=str(base), experts=[{"name": n, "model": str(p)} for n, p in dirs.items()],
+                      num_groups=2)
+    merged = run_merge(cfg, tmp_path / "m", progress=False)
+    conf = json.loads((merged / "config.json").read_text())
+    conf["quantization_config"]["experts"] = ["b", "a"]
+    (merged / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(fmt.FormatError, match="reordered"):
+        extract_expert(merged, "a", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
