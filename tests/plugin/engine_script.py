@@ -7,6 +7,7 @@ A script, not a test: vLLM spawns its workers, so engines run in their own proce
     engine_script.py ref OUT.json NAME=DIR [NAME=DIR ...]
     engine_script.py load MERGED          (exit 0 if the engine starts)
     engine_script.py refusals MERGED OUT.json   (start-up settings the plugin must refuse)
+    engine_script.py untested MERGED PLAIN OUT.json   (as if vLLM were an untested release)
 """
 
 from __future__ import annotations
@@ -148,6 +149,23 @@ def run_refusals(merged: str, out_path: str) -> None:
     json.dump(res, open(out_path, "w"))
 
 
+def run_untested(merged: str, plain: str, out_path: str) -> None:
+    """As if vLLM were an untested release: the merged checkpoint must be refused with the
+    reason, a plain model in the same environment must still build its config."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm.__version__ = "0.99.0"
+    res = {}
+    for name, model in (("merged", merged), ("plain", plain)):
+        try:
+            EngineArgs(model=model, **ENGINE_KW).create_engine_config()
+            res[name] = None
+        except Exception as exc:  # noqa: BLE001
+            res[name] = f"{type(exc).__name__}: {exc}"
+    json.dump(res, open(out_path, "w"))
+
+
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "plugin":
@@ -159,6 +177,8 @@ def main(argv: list[str]) -> int:
         run_load(argv[1])
     elif mode == "refusals":
         run_refusals(argv[1], argv[2])
+    elif mode == "untested":
+        run_untested(argv[1], argv[2], argv[3])
     else:
         raise SystemExit(f"unknown mode {mode}")
     return 0

@@ -49,10 +49,9 @@ def test_default_expert_must_be_an_expert():
 
 
 def test_request_without_ids_is_refused_outside_dummy_runs():
-    from vllm_channelmerge.compat import StepState
+    from vllm_channelmerge.context import StepState
 
-    step = StepState()
-    step.configure(len(EXPERTS))
+    step = StepState(len(EXPERTS))
     with pytest.raises(RuntimeError, match="without expert ids"):
         step.begin(None, None, 4, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="without expert ids"):
@@ -94,8 +93,7 @@ def test_untested_vllm_is_refused_by_default(monkeypatch):
 
 
 def test_non_float_weights_and_float_indices_are_refused():
-    pytest.importorskip("vllm")
-    from vllm_channelmerge.models import check_dtype
+    from vllm_channelmerge.layers import check_dtype
 
     with pytest.raises(fmt.FormatError, match="'a.weight' is torch.int32"):
         check_dtype("a.weight", torch.zeros(2, dtype=torch.int32))
@@ -131,3 +129,16 @@ def test_start_up_refusals(merged_family, vllm_env, tmp_path):
     assert "not a channelmerge worker" in res["plain_cpu_worker"]
     assert "pipeline" in (res["pipeline_parallel"] or "").lower()
     assert "data parallel" in (res["data_parallel"] or "").lower()
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_untested_vllm_refuses_merged_checkpoints_only(merged_family, vllm_env, tmp_path):
+    out = tmp_path / "untested.json"
+    plain = merged_family["extracted"][EXPERTS[0]]
+    env = {k: v for k, v in vllm_env.items() if k != "CHANNELMERGE_ALLOW_UNTESTED_VLLM"}
+    p = run_script(["untested", str(merged_family["merged"]), str(plain), str(out)], env, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    res = json.loads(out.read_text())
+    assert "0.99.0" in (res["merged"] or "") and "CHANNELMERGE_ALLOW_UNTESTED_VLLM" in res["merged"]
+    assert res["plain"] is None
