@@ -23,8 +23,14 @@ def register() -> None:
     global _DONE
     if _DONE:
         return
+    from vllm import ModelRegistry
+
     from vllm_channelmerge import compat
 
+    supported = set(ModelRegistry.get_supported_archs())
+    for wrapper in fmt.WRAPPER_ARCHITECTURES.values():
+        if wrapper not in supported:
+            ModelRegistry.register_model(wrapper, f"vllm_channelmerge.compat:{wrapper}")
     try:
         compat.check_vllm_version()
     except RuntimeError as e:
@@ -32,12 +38,6 @@ def register() -> None:
         compat.register_refusal(str(e).removeprefix("channelmerge: "))
         _DONE = True
         return
-    from vllm import ModelRegistry
-
-    supported = set(ModelRegistry.get_supported_archs())
-    for wrapper in fmt.WRAPPER_ARCHITECTURES.values():
-        if wrapper not in supported:
-            ModelRegistry.register_model(wrapper, f"vllm_channelmerge.compat:{wrapper}")
     compat.register_quant_config()
     compat.install_config_hooks(fmt.WRAPPER_ARCHITECTURES.values())
     compat.install_http_hook()  # API server process only; a no-op elsewhere
