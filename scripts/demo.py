@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ from benchmarks.quality.base_model import BASE_DIR, EXPERTS_DIR, WEIGHTS_FILE  #
 from benchmarks.quality.build_experts import STEPS  # noqa: E402
 from benchmarks.quality.router_eval import router_examples  # noqa: E402
 from benchmarks.quality.tasks import MAX_NEW_TOKENS, TASKS, Item, chat_messages, load_split, score  # noqa: E402
-from vllm_channelmerge.serve import wait_until_ready  # noqa: E402
+from benchmarks.servers import free_port, wait_until_ready  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
@@ -103,12 +102,6 @@ def summary(merged: Path) -> str:
     return (f"{merged}: {len(i['experts'])} experts ({', '.join(i['experts'])}), K={i['num_groups']}, "
             f"{i['method']}: {i['params_stored']:,} parameters stored = {i['params_ratio']:.3f} of the "
             f"ensemble ({i['params_ensemble']:,})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -81,24 +81,3 @@ def main(argv: Sequence[str]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def wait_until_ready(base_url: str, proc: subprocess.Popen, timeout: float = 900, log_hint: str = "") -> None:
-    """Poll `{base_url}/models` until a started server answers; fail at once if it exits.
-
-    For scripts and benchmarks that start `channelmerge serve` (or stock vLLM) themselves.
-    """
-    import time
-    import urllib.request
-
-    hint = f"; see {log_hint}" if log_hint else ""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server for {base_url} exited with code {proc.returncode}{hint}")
-        try:
-            urllib.request.urlopen(f"{base_url}/models", timeout=2)
-            return
-        except OSError:
-            time.sleep(2)
-    raise RuntimeError(f"server for {base_url} not ready after {timeout:.0f} s{hint}")

@@ -41,14 +41,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vllm_channelmerge.serve import wait_until_ready
+from benchmarks.servers import free_port, wait_until_ready
 
 from .base_model import BASE_DIR, EXPERTS_DIR
 from .evaluate import OpenAIGenerator, evaluate, machine_info
@@ -199,12 +198,6 @@ def params_ratio(spec: dict[str, Any], model_dir: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- servers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def server_cmd(spec: dict[str, Any], model_dir: Path, served: Optional[str], port: int) -> list[str]:
     """Stock vLLM (serving the model as `served`) for an expert or the base; else channelmerge."""

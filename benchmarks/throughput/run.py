@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from typing import Iterator
 
 import psutil
 
-from vllm_channelmerge.serve import wait_until_ready
+from benchmarks.servers import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -45,12 +44,6 @@ log = logging.getLogger("throughput")
 # SmolLM2-135M shape (Llama): random weights when the real experts are not built.
 SMOLLM2_SHAPE = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                      intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare(num_experts: int, num_groups: int) -> tuple[dict[str, Path], Path]:
