@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from vllm_channelmerge import format as fmt
+
 log = logging.getLogger("channelmerge")
 
 
@@ -143,9 +145,8 @@ def _router_train(args: argparse.Namespace) -> int:
 def _train_router_into(merged: Path, path: Path, force: bool) -> int:
     from merge_tool.io import check_not_overlapping, check_replaceable, staged_dir
     from vllm_channelmerge.router import Router, router_dir, router_dir_problem, train_router
-    from vllm_channelmerge.serving import experts_from_dir
 
-    experts = experts_from_dir(merged)
+    experts = fmt.read_checkpoint_config(merged).experts
     given = router_dir(merged).expanduser().absolute()
     # router/ lives inside the checkpoint, but must not be (or hold) the checkpoint or the
     # examples file, however the paths are spelled (a router/ symlink, `..`).
@@ -186,9 +187,8 @@ def _train_router_into(merged: Path, path: Path, force: bool) -> int:
 
 def _router_predict(args: argparse.Namespace) -> int:
     from vllm_channelmerge.router import Router, router_dir
-    from vllm_channelmerge.serving import experts_from_dir
 
-    experts = experts_from_dir(args.dir)
+    experts = fmt.read_checkpoint_config(args.dir).experts
     router = Router.load(router_dir(args.dir), experts=experts)
     for name in router.predict(list(args.text)):
         print(name)
@@ -196,11 +196,16 @@ def _router_predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:
-    try:
-        from vllm_channelmerge import serve
-    except ImportError as e:
-        raise RuntimeError(f"serving needs vLLM and the channelmerge plugin: {e}") from None
-    return int(serve.main([args.dir, *rest]) or 0)
+    """Replace this process by the plugin's launcher: the merge tool never imports the runtime."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("serving needs vLLM and the channelmerge plugin (pip install 'channelmerge[cpu]' "
+                           "or 'channelmerge[gpu]')")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "vllm_channelmerge.serve", args.dir, *rest])
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:

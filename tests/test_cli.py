@@ -38,15 +38,31 @@ def test_make_synthetic_merge_inspect_extract(tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
-def test_serve_dispatches_all_args(monkeypatch):
+def test_serve_execs_the_plugin_launcher_with_all_args(monkeypatch):
+    """`channelmerge serve` replaces itself by `python -m vllm_channelmerge.serve DIR ARGS...`:
+    every argument goes through, and the merge tool never imports the runtime package."""
+    import os
+
     seen = {}
-    fake = types.ModuleType("vllm_channelmerge.serve")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "vllm_channelmerge.serve", fake)
-    import vllm_channelmerge
-    monkeypatch.setattr(vllm_channelmerge, "serve", fake, raising=False)
-    assert main(["serve", "some/dir", "--port", "8001", "--max-model-len", "512"]) == 0
-    assert seen["argv"] == ["some/dir", "--port", "8001", "--max-model-len", "512"]
+
+    def fake_execv(path, argv):
+        seen["argv"] = argv
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", fake_execv)
+    with pytest.raises(SystemExit):
+        main(["serve", "some/dir", "--port", "8001", "--max-model-len", "512"])
+    assert seen["argv"][1:] == ["-m", "vllm_channelmerge.serve", "some/dir", "--port", "8001",
+                                "--max-model-len", "512"]
+
+
+def test_merge_tool_imports_only_the_format_from_the_plugin():
+    import subprocess
+
+    code = ("import sys, merge_tool.cli, merge_tool.merge, merge_tool.extract, merge_tool.inspect; "
+            "print(sorted(m for m in sys.modules if m.startswith('vllm_channelmerge')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['vllm_channelmerge', 'vllm_channelmerge.format']"
 
 
 def test_usage_errors():

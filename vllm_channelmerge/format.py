@@ -268,6 +268,21 @@ def read_quant_config(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -
     return ChannelMergedConfig.from_dict(qc, source)
 
 
+def read_checkpoint_config(model_dir: str | os.PathLike) -> ChannelMergedConfig:
+    """The channel-merged block of a checkpoint folder's config.json (errors name the file)."""
+    path = os.path.join(str(model_dir), CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e}); is {model_dir} a merged checkpoint?") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: not a JSON object")
+    return read_quant_config(cfg, path)
+
+
 def expected_shapes(
     tensor_name: str, base_shape: tuple[int, ...], num_groups: int, num_experts: int
 ) -> dict[str, tuple[int, ...]]:

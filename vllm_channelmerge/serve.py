@@ -13,12 +13,10 @@ expert name instead of silently serving expert 0. Every ARG goes to vLLM unchang
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from vllm_channelmerge import format as fmt
@@ -32,14 +30,7 @@ def _has(args: Sequence[str], flag: str) -> bool:
 
 
 def build_command(model_dir: str, extra: Sequence[str], python: Optional[str] = None) -> list[str]:
-    cfg_path = Path(model_dir) / fmt.CONFIG_FILE
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except OSError as e:
-        raise fmt.FormatError(f"{cfg_path}: cannot read ({e.strerror}); is {model_dir} a merged checkpoint?") from None
-    except json.JSONDecodeError as e:
-        raise fmt.FormatError(f"{cfg_path}: not valid JSON: {e}") from None
-    qc = fmt.read_quant_config(cfg, str(cfg_path))
+    qc = fmt.read_checkpoint_config(model_dir)
     # Validated: fail here, before vLLM starts, on a bad config or a bad `auto` router.
     from vllm_channelmerge.serving import load_router
 
@@ -81,3 +72,11 @@ def main(argv: Sequence[str]) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+if __name__ == "__main__":  # `channelmerge serve` runs this module (the merge tool never imports it)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except fmt.FormatError as e:  # a bad checkpoint or router: one line, before vLLM starts
+        print(f"channelmerge: error: {e}", file=sys.stderr)
+        sys.exit(2)
