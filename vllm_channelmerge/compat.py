@@ -122,7 +122,12 @@ def _v() -> types.SimpleNamespace:
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
     from vllm.model_executor.utils import set_weight_attrs
 
-    return types.SimpleNamespace(**locals())
+    return types.SimpleNamespace(
+        LinearBase=LinearBase, LinearMethodBase=LinearMethodBase, QKVParallelLinear=QKVParallelLinear,
+        MergedColumnParallelLinear=MergedColumnParallelLinear, QuantizationConfig=QuantizationConfig,
+        QuantizeMethodBase=QuantizeMethodBase, ParallelLMHead=ParallelLMHead,
+        VocabParallelEmbedding=VocabParallelEmbedding, set_weight_attrs=set_weight_attrs,
+        register_quantization_config=register_quantization_config)
 
 
 # ------------------------------------------------------------------------------------------

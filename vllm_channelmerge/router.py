@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,21 @@ _WHITE_SPACES = re.compile(r"\s\s+")
 
 class RouterError(FormatError):
     """A bad router directory or request; the message names the file, field or expert."""
+
+
+class RequestTextError(RouterError):
+    """A request body the router cannot read (the server answers 400 naming ``param``)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+# The router reads at most this many characters of a request's text (its first ones): the
+# cost of routing grows linearly with the text, and a 3 MB prompt would otherwise take seconds.
+ROUTER_MAX_CHARS = 4096
+# Content-part types whose `text` the router reads (OpenAI chat / Anthropic, responses API).
+_TEXT_PART_TYPES = ("text", "input_text")
 
 
 # --------------------------------------------------------------------------- analysers
@@ -172,7 +186,8 @@ class Router:
     def route_request(self, body: Mapping[str, Any]) -> str:
         """The expert for one OpenAI request body: the last user message of a chat request,
         else the ``prompt`` of a completion request (first one of a list), else the
-        ``input`` of a responses request."""
+        ``input`` of a responses request; at most :data:`ROUTER_MAX_CHARS` characters of it.
+        A malformed body raises :class:`RequestTextError`."""
         return self.predict([request_text(body)])[0]
 
     __call__ = route_request  # a Router is a `serving.Router` (request body -> expert name)
@@ -187,13 +202,25 @@ class Router:
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write router.json, vocab.json and weights.safetensors (atomically: temp dir + rename)."""
+        """Write router.json, vocab.json and weights.safetensors into ``directory``, atomically.
+
+        Published like every channelmerge output (``merge_tool.io.staged_dir``): written into a
+        temporary folder beside it, then renamed into place. An existing ``directory`` is
+        replaced only if it is a router saved before (or empty): anything else is refused, and
+        the old router is removed only once the new one is in place.
+        """
+        from merge_tool.io import staged_dir  # offline side only: serving never saves
+
+        d = Path(directory).expanduser().absolute()
+        with staged_dir(d, force=True, own=router_dir_problem) as tmp:
+            self.write_files(tmp)
+        return d
+
+    def write_files(self, directory: str | os.PathLike) -> None:
+        """The router's files into an existing (empty) folder; no publishing (see ``save``)."""
         from safetensors.numpy import save_file
 
-        d = Path(directory)
-        tmp = d.with_name(d.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = Path(directory)
         cfg = {
             "format": ROUTER_FORMAT, "version": ROUTER_VERSION, "experts": list(self.experts),
             "features": [{"analyzer": b.analyzer, "ngram_range": list(b.ngram_range), "lowercase": True,
@@ -207,10 +234,6 @@ class Router:
             tensors["coef"] = np.ascontiguousarray(self.coef, dtype=np.float64)
             tensors["intercept"] = np.ascontiguousarray(self.intercept, dtype=np.float64)
         save_file(tensors, str(tmp / ROUTER_WEIGHTS_FILE), metadata={"format": ROUTER_FORMAT})
-        if d.exists():
-            shutil.rmtree(d)
-        tmp.rename(d)
-        return d
 
     @classmethod
     def load(cls, directory: str | os.PathLike, experts: Iterable[str] | None = None) -> "Router":
@@ -380,35 +403,91 @@ def train_router(examples: Mapping[str, list[str]], features: Iterable[Mapping[s
 
 # --------------------------------------------------------------------------- helpers
 
-def last_user_message(messages: list[Mapping[str, Any]]) -> str:
-    """The text the router sees for a chat request: the last user message."""
-    for m in reversed(messages):
+def _content_text(content: Any, where: str, max_chars: int | None) -> str:
+    """The text of one message's ``content``: a string, or the text parts of a list of parts
+    (OpenAI ``text``, responses ``input_text``, Anthropic ``text`` blocks); images and other
+    parts are skipped. Anything else is a malformed request (:class:`RequestTextError`)."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise RequestTextError(f"{where} must be a string or a list of content parts, "
+                               f"got {type(content).__name__}", where)
+    parts: list[str] = []
+    n = 0
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping):
+            raise RequestTextError(f"{where}[{j}] must be an object (a content part), "
+                                   f"got {type(part).__name__}", f"{where}[{j}]")
+        if part.get("type") in _TEXT_PART_TYPES:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise RequestTextError(f"{where}[{j}].text must be a string", f"{where}[{j}].text")
+            parts.append(text)
+            n += len(text) + 1
+            if max_chars is not None and n >= max_chars:
+                break  # enough text: the rest is never read
+    return " ".join(parts)
+
+
+def last_user_message(messages: list[Mapping[str, Any]], where: str = "messages",
+                      max_chars: int | None = None) -> str:
+    """The text the router sees for a chat request: the last user message ("" if none).
+
+    Only the messages read (from the end back to the last user message) are checked; a
+    malformed one raises :class:`RequestTextError` naming it (``messages[2].content``).
+    """
+    if not isinstance(messages, list):
+        raise RequestTextError(f"{where} must be a list of messages, got {type(messages).__name__}", where)
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if not isinstance(m, Mapping):
+            raise RequestTextError(f"{where}[{i}] must be an object (a message with 'role' and "
+                                   f"'content'), got {type(m).__name__}", f"{where}[{i}]")
         if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, str):
-                return c
-            if isinstance(c, list):  # OpenAI content parts
-                return " ".join(p.get("text", "") for p in c if isinstance(p, Mapping) and p.get("type") == "text")
-            return ""
+            return _content_text(m.get("content"), f"{where}[{i}].content", max_chars)
     return ""
 
 
-def request_text(body: Mapping[str, Any]) -> str:
-    """The text a router reads from an OpenAI request body (chat, completions or responses)."""
+def request_text(body: Mapping[str, Any], max_chars: int | None = ROUTER_MAX_CHARS) -> str:
+    """The text a router reads from an OpenAI request body (chat, completions or responses),
+    cut to its first ``max_chars`` characters (:data:`ROUTER_MAX_CHARS`: the router's cost
+    grows with the text, and the first few thousand characters say what the task is).
+
+    Raises :class:`RequestTextError` (a 400 for the server, naming the field) for a body the
+    router cannot read: ``messages`` not a list of message objects, a content that is not
+    text or parts, a ``prompt`` of token ids. A body without any text gives "".
+    """
+    text = _request_text(body, max_chars)
+    return text if max_chars is None else text[:max_chars]
+
+
+def _request_text(body: Mapping[str, Any], max_chars: int | None) -> str:
     msgs = body.get("messages")
-    if isinstance(msgs, list):
-        return last_user_message(msgs)
+    if msgs is not None:
+        return last_user_message(msgs, "messages", max_chars)
     prompt = body.get("prompt")
-    if isinstance(prompt, list):
-        prompt = prompt[0] if prompt else ""
-    if isinstance(prompt, str):
+    if prompt is not None:
+        where = "prompt"
+        if isinstance(prompt, list):
+            if not prompt:
+                raise RequestTextError("prompt is an empty list", "prompt")
+            prompt, where = prompt[0], "prompt[0]"
+        if not isinstance(prompt, str):
+            raise RequestTextError(f"{where} must be text for model 'auto' (the router reads text; "
+                                   f"got {type(prompt).__name__}, e.g. token ids)", where)
         return prompt
     inp = body.get("input")
-    if isinstance(inp, str):
-        return inp
-    if isinstance(inp, list):
-        return last_user_message([m for m in inp if isinstance(m, Mapping)])
-    return ""
+    if inp is None or isinstance(inp, str):
+        return inp or ""
+    if not isinstance(inp, list):
+        raise RequestTextError(f"input must be a string or a list of items, got {type(inp).__name__}", "input")
+    for i, item in enumerate(inp):
+        if not isinstance(item, Mapping):
+            raise RequestTextError(f"input[{i}] must be an object, got {type(item).__name__}", f"input[{i}]")
+    # Items without a role (tool outputs, reasoning) are not messages: skipped.
+    return last_user_message([m for m in inp if "role" in m], "input", max_chars)
 
 
 def load_examples_jsonl(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -429,7 +508,10 @@ def load_examples_jsonl(path: str | os.PathLike) -> dict[str, list[str]]:
             if isinstance(row.get("prompt"), str):
                 text = row["prompt"]
             elif isinstance(row.get("messages"), list):
-                text = last_user_message(row["messages"])
+                try:
+                    text = last_user_message(row["messages"])
+                except RequestTextError as e:
+                    raise RouterError(f"{p}:{ln}: {e}") from None
             else:
                 raise RouterError(f"{p}:{ln}: give field 'prompt' (a string) or 'messages' (a list)")
             out.setdefault(row["expert"], []).append(text)
@@ -440,3 +522,18 @@ def load_examples_jsonl(path: str | os.PathLike) -> dict[str, list[str]]:
 
 def router_dir(merged_dir: str | os.PathLike) -> Path:
     return Path(merged_dir) / ROUTER_DIR
+
+
+def router_dir_problem(d: Path) -> str | None:
+    """None if ``d`` is a router folder channelmerge saved (what ``save`` and ``router train
+    --force`` may replace); else what it is."""
+    try:
+        cfg = json.loads((Path(d) / ROUTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = None
+    if not isinstance(cfg, dict) or cfg.get("format") != ROUTER_FORMAT:
+        return f"is not a channelmerge router (no {ROUTER_CONFIG_FILE} with format {ROUTER_FORMAT!r})"
+    extra = sorted(n for n in os.listdir(d) if n not in ROUTER_FILES)
+    if extra:
+        return f"is a channelmerge router but also holds {extra[0]!r}, which channelmerge did not write"
+    return None

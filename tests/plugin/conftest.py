@@ -122,10 +122,14 @@ def train_test_router(merged: Path, tmp: Path) -> None:
         raise AssertionError("channelmerge router train failed")
 
 
+SERVER_API_KEY = "channelmerge-test-key"
+
+
 @pytest.fixture(scope="session")
 def server(merged_family, vllm_env, tmp_path_factory):
     """`channelmerge serve DIR` (no channelmerge flag), as a real process, with an `auto`
-    router trained on the checkpoint first."""
+    router trained on the checkpoint first, and `--api-key` (one server covers both the
+    authenticated behaviour and the refusals of requests without the key)."""
     import requests
 
     train_test_router(merged_family["merged"], tmp_path_factory.mktemp("router"))
@@ -133,7 +137,7 @@ def server(merged_family, vllm_env, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "merge_tool.cli", "serve",  # = `channelmerge serve DIR ...`
            str(merged_family["merged"]), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "1024", "--max-num-seqs", "48", "--seed", "0"]
+           "--max-model-len", "1024", "--max-num-seqs", "48", "--seed", "0", "--api-key", SERVER_API_KEY]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, env=vllm_env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -150,7 +154,7 @@ def server(merged_family, vllm_env, tmp_path_factory):
             if time.time() > deadline:
                 raise AssertionError(f"server did not start:\n{log.read_text()[-6000:]}")
             time.sleep(2)
-        yield {"url": url, "log": log}
+        yield {"url": url, "log": log, "api_key": SERVER_API_KEY}
     finally:
         proc.terminate()
         try:

@@ -1,4 +1,5 @@
-"""Unit tests with small fakes: version guard, expert ids, V1/V2 adapters, middleware, serve."""
+"""Unit tests with small fakes: version guard, middleware, serve, config and HTTP hooks
+(the runtime adapter's id builders are in test_adapter.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import asyncio
 import json
 import types
 
-import numpy as np
 import pytest
-import torch
 
 from vllm_channelmerge import compat, serving
 from vllm_channelmerge import format as fmt
@@ -37,123 +36,6 @@ def test_installed_vllm_is_tested():
     assert compat.version_problem() is None
 
 
-# --- expert ids --------------------------------------------------------------------------------
-
-def test_expert_index():
-    assert compat.expert_index(None, EXPERTS) == 0
-    assert compat.expert_index("chat", EXPERTS) == 2
-    assert compat.expert_index(1, EXPERTS) == 1
-    for bad in ("nope", 3, -1, True, 1.5):
-        with pytest.raises(ValueError, match="math, code, chat"):
-            compat.expert_index(bad, EXPERTS)
-
-
-def test_token_expert_ids_batch_order_and_padding():
-    ids = compat.token_expert_ids(np.array([2, 0, 1]), np.array([1, 3, 2]), 8)
-    assert ids.tolist() == [2, 0, 0, 0, 1, 1, 0, 0]
-    with pytest.raises(ValueError):
-        compat.token_expert_ids(np.array([0]), np.array([5]), 4)
-
-
-def test_step_state_dummy_tokens_and_rows():
-    st = compat.StepState()
-    st.configure(3)
-    # Dummy / profiling run: no ids -> expert 0 everywhere.
-    st.begin(None, None, 5, torch.device("cpu"))
-    assert st.token_batch(5, torch.device("cpu")).expert_ids.tolist() == [0] * 5
-    assert st.rows_batch(torch.zeros(7, 4)).expert_ids.tolist() == [0] * 7
-    # Real step: 2 requests (experts 2, 1) with 3 and 1 tokens.
-    st.begin(torch.tensor([2, 2, 2, 1]), torch.tensor([2, 1]), 4, torch.device("cpu"))
-    assert st.token_batch(4, torch.device("cpu")).expert_ids.tolist() == [2, 2, 2, 1]
-    with pytest.raises(RuntimeError, match="rows"):
-        st.token_batch(3, torch.device("cpu"))
-    hidden = torch.randn(4, 8)
-    st.hidden = hidden
-    # Sampled rows (a gather, one per request) -> request ids.
-    assert st.rows_batch(hidden[torch.tensor([2, 3])]).expert_ids.tolist() == [2, 1]
-    # A slice of the hidden states (prompt logprobs) -> those tokens' ids.
-    assert st.rows_batch(hidden[1:4]).expert_ids.tolist() == [2, 2, 1]
-    with pytest.raises(RuntimeError, match="speculative"):
-        st.rows_batch(torch.randn(3, 8))
-
-
-# --- V1 runner adapter (fake runner) ----------------------------------------------------------------
-
-class _FakeRunnerBase:
-    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **kw):
-        self.seen = kw
-        return "out"
-
-
-class _FakeV1Runner(compat.ExpertIdsV1Mixin, _FakeRunnerBase):
-    def __init__(self, reqs: dict[str, object], order: list[str], counts: list[int]):
-        qc = {"experts": EXPERTS}
-        self.vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(
-            hf_config=types.SimpleNamespace(quantization_config=qc)))
-        self.requests = {r: types.SimpleNamespace(sampling_params=types.SimpleNamespace(extra_args=e))
-                         for r, e in reqs.items()}
-        self.input_batch = types.SimpleNamespace(num_reqs=len(order), req_ids=order)
-        qsl = np.zeros(len(order) + 1, dtype=np.int32)
-        qsl[1:] = np.cumsum(counts)
-        self.query_start_loc = types.SimpleNamespace(np=qsl)
-
-
-def test_v1_adapter_builds_ids_in_batch_order():
-    reqs = {"a": {"expert": "code"}, "b": None, "c": {"expert": "chat"}}
-    r = _FakeV1Runner(reqs, ["c", "a", "b"], [2, 1, 3])
-    assert r._model_forward(input_ids=torch.zeros(8, dtype=torch.long)) == "out"
-    assert r.seen["expert_ids"].tolist() == [2, 2, 1, 0, 0, 0, 0, 0]
-    assert r.seen["request_expert_ids"].tolist() == [2, 1, 0]
-    # Next step: the batch was condensed and reordered; ids follow the new order.
-    r.input_batch = types.SimpleNamespace(num_reqs=2, req_ids=["a", "c"])
-    r.query_start_loc = types.SimpleNamespace(np=np.array([0, 1, 2]))
-    r._model_forward(input_ids=torch.zeros(2, dtype=torch.long))
-    assert r.seen["expert_ids"].tolist() == [1, 2]
-
-
-# --- V2 model state (fake DefaultModelState) ----------------------------------------------------------
-
-class _FakeDefaultModelState:
-    def __init__(self, vllm_config, model, encoder_cache, device):
-        self.max_num_reqs = 4
-        self.max_num_tokens = 16
-        self.added = []
-
-    def add_request(self, req_index, new_req_data):
-        self.added.append(req_index)
-
-    def prepare_inputs(self, input_batch, req_states):
-        return {"other": 1}
-
-    def prepare_dummy_inputs(self, num_reqs, num_tokens):
-        return {}
-
-
-def _new_req(expert):
-    return types.SimpleNamespace(sampling_params=types.SimpleNamespace(extra_args={"expert": expert} if expert else None))
-
-
-def test_v2_model_state_slots_and_padding():
-    cls = compat.make_model_state_cls(_FakeDefaultModelState, EXPERTS)
-    st = cls(None, None, None, torch.device("cpu"))
-    st.add_request(3, _new_req("chat"))
-    st.add_request(0, _new_req("code"))
-    st.add_request(1, _new_req(None))
-    batch = types.SimpleNamespace(num_reqs=3, idx_mapping=torch.tensor([3, 1, 0]),
-                                  num_scheduled_tokens=np.array([2, 1, 3]), num_tokens=6,
-                                  num_tokens_after_padding=8)
-    out = st.prepare_inputs(batch, None)
-    assert out["other"] == 1
-    assert out["expert_ids"].tolist() == [2, 2, 0, 1, 1, 1, 0, 0]
-    assert out["request_expert_ids"].tolist() == [2, 0, 1]
-    buf = out["expert_ids"].data_ptr()
-    dummy = st.prepare_dummy_inputs(2, 5)
-    assert dummy["expert_ids"].tolist() == [0] * 5
-    assert dummy["expert_ids"].data_ptr() == buf  # persistent buffer (CUDA graphs read it)
-    with pytest.raises(ValueError, match="unknown expert"):
-        st.add_request(2, _new_req("nope"))
-
-
 # --- middleware (fake ASGI app) -----------------------------------------------------------------------
 
 class _EchoApp:
@@ -161,18 +43,23 @@ class _EchoApp:
 
     def __init__(self):
         self.bodies = []
+        self.paths = []
 
     async def __call__(self, scope, receive, send):
         msg = await receive()
-        body = json.loads(msg["body"])
+        self.paths.append(scope["path"])
+        body = json.loads(msg["body"]) if msg.get("body") else {}
         self.bodies.append(body)
         if body.get("stream"):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-            for i in range(2):
-                chunk = json.dumps({"id": i, "model": "served-name", "choices": []})
+            chunks = [{"id": i, "model": "served-name", "choices": []} for i in range(2)]
+            if scope["path"] == "/v1/messages":  # Anthropic: the model sits in message_start
+                chunks = [{"type": "message_start", "message": {"id": "m", "model": "served-name"}},
+                          {"type": "content_block_delta", "index": 0}]
+            for chunk in chunks:
                 # Split an event across two sends to exercise buffering.
-                data = f"data: {chunk}\n\n".encode()
+                data = f"event: x\ndata: {json.dumps(chunk)}\n\n".encode()
                 await send({"type": "http.response.body", "body": data[:7], "more_body": True})
                 await send({"type": "http.response.body", "body": data[7:], "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
@@ -183,9 +70,31 @@ class _EchoApp:
             await send({"type": "http.response.body", "body": out, "more_body": False})
 
 
-def _call(app, method, path, body=None):
+def _route(path):
+    import re
+
+    rx = re.sub(r"\{[^}]+\}", "[^/]+", path)
+    return types.SimpleNamespace(path=path, path_regex=re.compile(f"^{rx}$"))
+
+
+# The route table of a fake vLLM server app: what vLLM 0.32 has, plus one route a future
+# vLLM might add (`/v1/future/generate`).
+ROUTES = ["/health", "/ping", "/metrics", "/tokenize", "/detokenize", "/v1/models", "/invocations",
+          "/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions", "/v1/responses",
+          "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens",
+          "/generative_scoring", "/v1/future/generate"]
+
+
+def _server_app(api_key=None, served=None, model="/srv/merged"):
+    """What the middleware reads from `scope["app"]`: vLLM's app.routes and app.state.args."""
+    args = types.SimpleNamespace(api_key=api_key, served_model_name=served, model=model)
+    return types.SimpleNamespace(routes=[_route(p) for p in ROUTES], state=types.SimpleNamespace(args=args))
+
+
+def _call(app, method, path, body=None, headers=(), server=None, raw=None):
     sent = []
-    raw = json.dumps(body).encode() if body is not None else b""
+    if raw is None:
+        raw = json.dumps(body).encode() if body is not None else b""
 
     async def receive():
         return {"type": "http.request", "body": raw, "more_body": False}
@@ -194,12 +103,19 @@ def _call(app, method, path, body=None):
         sent.append(m)
 
     scope = {"type": "http", "method": method, "path": path,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+                         *headers]}
+    if server is not None:
+        scope["app"] = server
     asyncio.run(app(scope, receive, send))
     status = sent[0]["status"]
     headers = dict(sent[0]["headers"])
     payload = b"".join(m.get("body", b"") for m in sent[1:])
     return status, headers, payload
+
+
+def _error(payload):
+    return json.loads(payload)["error"]
 
 
 @pytest.fixture
@@ -208,23 +124,27 @@ def routed():
     serving.set_router(None)
     inner = _EchoApp()
     yield serving.ExpertRoutingMiddleware(inner), inner
+    serving.configure(EXPERTS)
     serving.REGISTRY.experts = None
     serving.set_router(None)
 
 
-def test_middleware_sets_expert_and_salt(routed):
+def test_middleware_sets_expert_salt_and_the_served_name(routed):
     mw, inner = routed
     st, headers, payload = _call(mw, "POST", "/v1/chat/completions",
-                                 {"model": "code", "messages": [], "cache_salt": "client", "vllm_xargs": {"k": 1}})
+                                 {"model": "code", "messages": [], "cache_salt": "client", "vllm_xargs": {"k": 1}},
+                                 server=_server_app())
     assert st == 200
     body = inner.bodies[-1]
-    assert "model" not in body
+    assert body["model"] == "/srv/merged"  # the name vLLM serves: every endpoint accepts it
     assert body["vllm_xargs"] == {"k": 1, "expert": "code"}
     assert body["cache_salt"] == serving.expert_salt("code", "client") != serving.expert_salt("math", "client")
     out = json.loads(payload)
     assert out["model"] == "code"
     assert int(headers[b"content-length"]) == len(payload)
     assert headers[serving.EXPERT_HEADER] == b"code"
+    _call(mw, "POST", "/v1/completions", {"model": "math", "prompt": "x"}, server=_server_app(served=["alias", "b"]))
+    assert inner.bodies[-1]["model"] == "alias"
 
 
 def test_middleware_rewrites_stream(routed):
@@ -233,7 +153,24 @@ def test_middleware_rewrites_stream(routed):
     assert headers[serving.EXPERT_HEADER] == b"chat"
     events = [e for e in payload.decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
-    assert [json.loads(e[len("data: "):])["model"] for e in events[:-1]] == ["chat", "chat"]
+    assert [json.loads(e.split("data: ", 1)[1])["model"] for e in events[:-1]] == ["chat", "chat"]
+
+
+def test_messages_keeps_a_model_and_its_stream_names_the_expert(routed):
+    """Bug 9: /v1/messages requires `model`; the middleware used to delete it (400 for every
+    request). It now carries the served name, and message_start names the expert."""
+    mw, inner = routed
+    st, headers, payload = _call(mw, "POST", "/v1/messages",
+                                 {"model": "code", "max_tokens": 4, "stream": True,
+                                  "messages": [{"role": "user", "content": "hi"}]}, server=_server_app())
+    assert st == 200 and inner.bodies[-1]["model"] == "/srv/merged"
+    assert inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
+    events = [e for e in payload.decode().split("\n\n") if e.startswith("event")]
+    assert json.loads(events[0].split("data: ", 1)[1])["message"]["model"] == "code"
+    # count_tokens (name only, model required by vLLM): the served name, no sampling fields
+    st, _, _ = _call(mw, "POST", "/v1/messages/count_tokens",
+                     {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}, server=_server_app())
+    assert st == 200 and inner.bodies[-1]["model"] == "/srv/merged" and "vllm_xargs" not in inner.bodies[-1]
 
 
 def test_middleware_unknown_and_auto_are_404(routed):
@@ -241,7 +178,7 @@ def test_middleware_unknown_and_auto_are_404(routed):
     for name, needle in (("nope", "does not exist"), ("auto", "router")):
         st, _, payload = _call(mw, "POST", "/v1/completions", {"model": name, "prompt": "x"})
         assert st == 404
-        err = json.loads(payload)["error"]
+        err = _error(payload)
         assert needle in err["message"] and "math, code, chat" in err["message"]
         assert err["code"] == "model_not_found" and err["param"] == "model"
     assert inner.bodies == []
@@ -258,14 +195,266 @@ def test_middleware_router_hook(routed):
     assert [m["id"] for m in json.loads(payload)["data"]] == EXPERTS + ["auto"]
 
 
-def test_middleware_lists_models_and_passes_others(routed):
+def test_middleware_lists_models(routed):
     mw, inner = routed
     st, _, payload = _call(mw, "GET", "/v1/models")
     assert st == 200 and [m["id"] for m in json.loads(payload)["data"]] == EXPERTS
     assert _call(mw, "GET", "/v1/models/code")[0] == 200
     assert _call(mw, "GET", "/v1/models/zzz")[0] == 404
-    st, _, _ = _call(mw, "POST", "/other", {"model": "zzz"})
-    assert st == 200 and inner.bodies[-1] == {"model": "zzz"}  # untouched
+    assert inner.bodies == []
+
+
+def test_route_policy_refuses_every_unclassified_route(routed):
+    """Bug 7: only classified routes get through. A route vLLM has but channelmerge does not
+    route (batch chat, stored responses, scoring, one a future vLLM adds), a path no route
+    matches, a routed path with another method, a websocket: each refused, vLLM never called."""
+    mw, inner = routed
+    server = _server_app()
+    for method, path, label in (("POST", "/v1/chat/completions/batch", "/v1/chat/completions/batch"),
+                                ("GET", "/v1/responses/resp_1", "/v1/responses/{response_id}"),
+                                ("POST", "/generative_scoring", "/generative_scoring"),
+                                ("POST", "/v1/future/generate", "/v1/future/generate"),
+                                ("POST", "/not/a/route", "/not/a/route"),
+                                ("GET", "/v1/chat/completions", "/v1/chat/completions"),
+                                ("POST", "/v1/models", "/v1/models")):
+        st, _, payload = _call(mw, method, path, {"model": "code", "messages": []}, server=server)
+        err = _error(payload)
+        assert st == 404 and err["code"] == "route_not_supported", (path, payload)
+        assert f"channelmerge does not route {method} {label}" in err["message"]
+    assert inner.bodies == []
+    # model-free routes pass untouched (whatever their body), without the fake app too
+    for srv in (server, None):
+        st, _, _ = _call(mw, "GET", "/health", server=srv)
+        assert st == 200 and inner.paths[-1] == "/health"
+    st, _, _ = _call(mw, "POST", "/ping", {"model": "zzz"}, server=server)
+    assert st == 200 and inner.bodies[-1] == {"model": "zzz"}
+    # without a route table (not a Starlette app): only the known routes get through
+    st, _, payload = _call(mw, "POST", "/v1/future/generate", {"model": "code"})
+    assert st == 404 and _error(payload)["code"] == "route_not_supported"
+    # websockets: none is routed, so closed before accept (the client sees 403)
+    sent = []
+
+    async def send(m):
+        sent.append(m)
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    asyncio.run(mw({"type": "websocket", "path": "/v1/realtime", "headers": [], "app": server}, receive, send))
+    assert sent and sent[0]["type"] == "websocket.close"
+
+
+def test_route_policy_is_logged_at_start_up(caplog):
+    async def app(scope, receive, send):
+        pass
+
+    with caplog.at_level("INFO", logger=serving.__name__):
+        asyncio.run(serving.ExpertRoutingMiddleware(app)({"type": "lifespan", "app": _server_app()}, None, None))
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    routed_part, refused_part = line.split("refused")
+    assert "/invocations" in routed_part and "/v1/future/generate" in refused_part
+
+
+def test_invocations_is_routed_by_its_own_model(routed):
+    """Bug 7: SageMaker's /invocations (a chat or completion body) resolves `model` like
+    /v1/chat/completions; it used to bypass the middleware (expert 0, or any vllm_xargs)."""
+    mw, inner = routed
+    server = _server_app()
+    st, headers, payload = _call(mw, "POST", "/invocations",
+                                 {"model": "code", "messages": [{"role": "user", "content": "x"}]}, server=server)
+    assert st == 200 and headers[serving.EXPERT_HEADER] == b"code" and json.loads(payload)["model"] == "code"
+    assert inner.bodies[-1]["vllm_xargs"] == {"expert": "code"} and inner.bodies[-1]["model"] == "/srv/merged"
+    st, _, payload = _call(mw, "POST", "/invocations", {"model": "b", "prompt": "x"}, server=server)
+    assert st == 404 and "math, code, chat" in _error(payload)["message"]
+    # SageMaker's adapter header would replace `model` after routing: refused
+    st, _, payload = _call(mw, "POST", "/invocations", {"model": "code", "prompt": "x"}, server=server,
+                           headers=[(b"X-Amzn-SageMaker-Adapter-Identifier", b"lora1")])
+    assert st == 400 and _error(payload)["code"] == "adapters_not_supported"
+    assert len(inner.bodies) == 1
+
+
+def test_client_vllm_xargs_expert_never_picks_another_expert(routed):
+    """A client's vllm_xargs.expert that disagrees with `model` (or names the expert without
+    `model`) is refused; one that agrees is kept (it is overwritten with the same name)."""
+    mw, inner = routed
+    st, _, payload = _call(mw, "POST", "/v1/completions",
+                           {"model": "math", "prompt": "x", "vllm_xargs": {"expert": "code"}})
+    err = _error(payload)
+    assert st == 400 and err["param"] == "vllm_xargs.expert" and "'code'" in err["message"]
+    st, _, payload = _call(mw, "POST", "/v1/completions", {"prompt": "x", "vllm_xargs": {"expert": "code"}})
+    assert st == 400 and _error(payload)["param"] == "model"
+    assert inner.bodies == []
+    st, _, _ = _call(mw, "POST", "/v1/completions", {"model": "code", "prompt": "x", "vllm_xargs": {"expert": "code"}})
+    assert st == 200 and inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
+    serving.configure(EXPERTS, default_expert="math")
+    st, _, _ = _call(mw, "POST", "/v1/completions", {"prompt": "x", "vllm_xargs": {"expert": "code"}})
+    assert st == 400 and len(inner.bodies) == 1
+
+
+def test_request_naming_no_model_uses_default_expert_or_is_refused(routed):
+    mw, inner = routed
+    for body in ({"prompt": "x"}, {"model": None, "prompt": "x"}, {"model": "", "prompt": "x"}):
+        st, _, payload = _call(mw, "POST", "/v1/completions", body)
+        err = _error(payload)
+        assert st == 400 and err["code"] == "model_required" and err["param"] == "model"
+        assert "math, code, chat" in err["message"]
+    assert inner.bodies == []
+    with pytest.raises(serving.BadRequest):
+        serving.resolve_model(None, {})
+    # the tokenizer is every expert's: /tokenize needs no model (and picks no expert)
+    st, headers, _ = _call(mw, "POST", "/tokenize", {"prompt": "x"}, server=_server_app())
+    assert st == 200 and serving.EXPERT_HEADER not in headers and inner.bodies[-1]["model"] == "/srv/merged"
+    st, _, _ = _call(mw, "POST", "/tokenize", {"model": "zzz", "prompt": "x"})
+    assert st == 404
+    with pytest.raises(fmt.FormatError, match="default_expert"):
+        serving.configure(EXPERTS, default_expert="zzz")
+    serving.configure(EXPERTS, default_expert="chat")
+    st, headers, payload = _call(mw, "POST", "/v1/completions", {"prompt": "x"})
+    assert st == 200 and inner.bodies[-1]["vllm_xargs"] == {"expert": "chat"}
+    assert headers[serving.EXPERT_HEADER] == b"chat" and json.loads(payload)["model"] == "chat"
+
+
+def test_registry_reads_default_expert_from_the_model_dir(tmp_path, monkeypatch):
+    qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2, default_expert="code").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    saved = (serving.REGISTRY.experts, serving.REGISTRY.default_expert)
+    monkeypatch.setenv(serving.MODEL_DIR_ENV, str(tmp_path))
+    try:
+        serving.REGISTRY.experts = None
+        assert serving.resolve_model(None, {}) == "code" and serving.REGISTRY.experts == EXPERTS
+    finally:
+        serving.REGISTRY.experts, serving.REGISTRY.default_expert = saved
+
+
+@pytest.mark.parametrize("keys_from", ["args", "env"])
+def test_api_key_is_checked_before_any_expert_name(routed, monkeypatch, keys_from):
+    """Bug 10: vLLM checks its key only under /v1, /v2, /inference, /cohere; /tokenize with an
+    unknown name used to list every expert to anyone. Now every route but the model-free
+    ones needs the key (from --api-key, else VLLM_API_KEY, as vLLM reads them)."""
+    mw, inner = routed
+    if keys_from == "env":
+        monkeypatch.setenv(serving.API_KEY_ENV, "sekrit")
+        server = _server_app()
+    else:
+        monkeypatch.delenv(serving.API_KEY_ENV, raising=False)
+        server = _server_app(api_key=["other", "sekrit"])
+    for method, path, body in (("POST", "/tokenize", {"model": "zzz", "prompt": "x"}),
+                               ("POST", "/detokenize", {"model": "zzz", "tokens": [1]}),
+                               ("POST", "/invocations", {"model": "zzz", "prompt": "x"}),
+                               ("POST", "/v1/completions", {"model": "zzz", "prompt": "x"}),
+                               ("GET", "/v1/models", None), ("GET", "/v1/models/zzz", None),
+                               ("POST", "/v1/future/generate", {"model": "zzz"})):
+        for auth in ([], [(b"authorization", b"Bearer wrong")], [(b"authorization", b"Basic sekrit")]):
+            st, _, payload = _call(mw, method, path, body, server=server, headers=auth)
+            assert st == 401, (path, auth)
+            assert _error(payload)["code"] == "invalid_api_key"
+            assert not any(e in _error(payload)["message"] for e in EXPERTS)
+    assert inner.bodies == []
+    ok = [(b"authorization", b"Bearer sekrit")]
+    assert _call(mw, "POST", "/tokenize", {"model": "zzz", "prompt": "x"}, server=server, headers=ok)[0] == 404
+    assert _call(mw, "GET", "/v1/models", server=server, headers=ok)[0] == 200
+    assert _call(mw, "POST", "/invocations", {"model": "math", "prompt": "x"}, server=server, headers=ok)[0] == 200
+    assert _call(mw, "GET", "/health", server=server)[0] == 200  # model-free: vLLM's own rules
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [None]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]"),
+    ({"messages": "hi"}, "messages"),
+    ({"prompt": [1, 2, 3]}, "prompt[0]"),
+    ({"prompt": []}, "prompt"),
+    ({"input": [None]}, "input[0]"),
+    ({"input": 5}, "input"),
+])
+def test_auto_with_a_malformed_body_is_400_naming_the_field(routed, body, param):
+    """Bug 11: the router's text extraction raised (a 500) on these; now a 400 naming the field."""
+    from vllm_channelmerge.router import request_text
+
+    mw, inner = routed
+    serving.set_router(lambda b: "code" if "python" in request_text(b) else "math")
+    st, _, payload = _call(mw, "POST", "/v1/chat/completions", {"model": "auto", **body})
+    err = _error(payload)
+    assert st == 400 and err["param"] == param, payload
+    assert "auto" in err["message"]
+    assert inner.bodies == []
+
+
+def test_router_text_is_capped_and_well_formed_bodies_still_read():
+    from vllm_channelmerge.router import ROUTER_MAX_CHARS, request_text
+
+    huge = "python " * 500_000  # 3.5 MB
+    assert len(request_text({"prompt": huge})) == ROUTER_MAX_CHARS
+    parts = [{"type": "text", "text": huge}, {"type": "text", "text": "never read"}]
+    assert request_text({"messages": [{"role": "user", "content": parts}]}) == huge[:ROUTER_MAX_CHARS]
+    parts = [{"type": "image_url"}, {"type": "text", "text": "a"}]
+    assert request_text({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": parts},
+                                      {"role": "assistant", "content": None}]}) == "a"
+    assert request_text({"input": [{"type": "message", "role": "user",
+                                    "content": [{"type": "input_text", "text": "resp"}]},
+                                   {"type": "function_call_output", "output": "x"}]}) == "resp"
+    assert request_text({"prompt": ["first", "second"]}) == "first"
+    assert request_text({"messages": [], "prompt": "ignored"}) == ""
+
+
+def test_router_runs_off_the_event_loop(routed):
+    """Bug 11: the router is Python on the request's text; it runs in a worker thread, so the
+    event loop keeps serving other clients meanwhile."""
+    import time as _time
+
+    mw, inner = routed
+    threads = []
+
+    def slow_router(body):
+        import threading
+
+        threads.append(threading.current_thread())
+        _time.sleep(0.3)
+        return "code"
+
+    serving.set_router(slow_router)
+
+    async def main():
+        ticks = []
+
+        async def ticker():
+            while True:
+                ticks.append(_time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        async def receive():
+            return {"type": "http.request", "body": json.dumps({"model": "auto", "prompt": "x"}).encode()}
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        await mw({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send)
+        t.cancel()
+        return ticks, sent
+
+    ticks, sent = asyncio.run(main())
+    import threading
+
+    assert threads and threads[0] is not threading.main_thread()
+    assert sent[0]["status"] == 200 and inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
+    assert len(ticks) >= 10 and max(b - a for a, b in zip(ticks, ticks[1:])) < 0.15
+
+
+def test_bad_json_is_400_and_big_bodies_are_parsed_off_the_loop(routed):
+    mw, inner = routed
+    st, _, payload = _call(mw, "POST", "/v1/completions", raw=b"{not json")
+    assert st == 400 and _error(payload)["code"] == "invalid_json"
+    st, _, payload = _call(mw, "POST", "/v1/completions", raw=b"[1, 2]")
+    assert st == 400
+    big = "x" * (serving.INLINE_JSON_BYTES + 10)
+    st, _, _ = _call(mw, "POST", "/v1/completions", {"model": "math", "prompt": big})
+    assert st == 200 and inner.bodies[-1]["prompt"] == big
 
 
 def test_middleware_installed_twice_routes_once(routed):
@@ -273,6 +462,66 @@ def test_middleware_installed_twice_routes_once(routed):
     twice = serving.ExpertRoutingMiddleware(mw)
     _call(twice, "POST", "/v1/completions", {"model": "code", "prompt": "x"})
     assert inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
+
+
+def test_vllm_route_table_is_fully_classified():
+    """Every route of vLLM 0.32's real app falls in one class; the generation and name-only
+    routes are all there (a vLLM that renamed one would show here)."""
+    pytest.importorskip("vllm")
+    app = _build_vllm_app([])
+    s = serving.RoutePolicy(app.routes).summary()
+    assert set(s[serving.GENERATION]) == serving.GENERATION_ROUTES
+    assert set(s[serving.NAME_ONLY]) == serving.NAME_ONLY_ROUTES
+    assert s[serving.MODELS] == ["/v1/models"]
+    assert {"/health", "/ping", "/metrics", "/version", "/openapi.json"} <= set(s[serving.MODEL_FREE])
+    assert {"/v1/chat/completions/batch", "/v1/responses/{response_id}", "/generative_scoring",
+            "/inference/v1/generate", "/scale_elastic_ep"} <= set(s[serving.REFUSED])
+    assert sorted(sum(s.values(), [])) == sorted({r.path for r in app.routes})
+
+
+def _build_vllm_app(argv):
+    import warnings
+
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "/srv/merged", *argv])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_app(args, ("generate",))
+
+
+def test_real_vllm_app_with_the_hook_and_an_api_key(monkeypatch):
+    """vLLM's own build_app with the plugin's hook (no engine): the middleware finds the app's
+    routes and --api-key itself; /tokenize and /invocations, which vLLM leaves open, give 401
+    without the key and route with it."""
+    pytest.importorskip("vllm")
+    import sys
+
+    from starlette.testclient import TestClient
+
+    import vllm.entrypoints.launchers.app  # noqa: F401  (the module the hook wraps)
+
+    saved = sys.modules[compat._APP_MODULE].init_entrypoints_middleware
+    serving.configure(EXPERTS, model_dir="/srv/merged")
+    try:
+        assert compat.install_http_hook()
+        client = TestClient(_build_vllm_app(["--api-key", "sekrit"]), raise_server_exceptions=False)
+        for path, body in (("/tokenize", {"model": "zzz", "prompt": "x"}),
+                           ("/invocations", {"model": "zzz", "prompt": "x"}),
+                           ("/v1/chat/completions", {"model": "zzz", "messages": []})):
+            r = client.post(path, json=body)
+            assert r.status_code == 401 and "math" not in r.text, (path, r.text)
+        key = {"Authorization": "Bearer sekrit"}
+        r = client.post("/invocations", json={"model": "zzz", "prompt": "x"}, headers=key)
+        assert r.status_code == 404 and "math, code, chat" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions/batch", json={"model": "code", "messages": [[]]}, headers=key)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_supported"
+        assert [m["id"] for m in client.get("/v1/models", headers=key).json()["data"]] == EXPERTS
+    finally:
+        sys.modules[compat._APP_MODULE].init_entrypoints_middleware = saved
+        serving.REGISTRY.experts = None
 
 
 def test_salt_is_idempotent():
@@ -322,41 +571,56 @@ def test_http_hook_available_on_this_vllm():
 
 # --- config hook and HTTP hook (fake configs / fake app module) ------------------------------------
 
-def _fake_vllm_config(worker_cls="auto", spec=None):
-    qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2).to_dict()
+def _fake_vllm_config(worker_cls="auto", spec=None, model="/m", default_expert=None, served=None):
+    qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2, default_expert=default_expert).to_dict()
     mc = types.SimpleNamespace(hf_config=types.SimpleNamespace(quantization_config=qc), enforce_eager=False,
-                               logits_processors=None, model="/m")
+                               logits_processors=None, model=model, served_model_name=served or model)
     return types.SimpleNamespace(model_config=mc, parallel_config=types.SimpleNamespace(worker_cls=worker_cls),
                                  speculative_config=spec, use_v2_model_runner=False)
 
 
-def test_config_hook_sets_worker_eager_and_validator(caplog):
+def test_config_hook_sets_worker_eager_and_admission(caplog, tmp_path, monkeypatch):
     pytest.importorskip("vllm")
+    monkeypatch.setattr(fmt, "check_checkpoint_experts", lambda *a: None)  # no shards here
     saved = serving.REGISTRY.experts
     serving.REGISTRY.experts = None
     try:
-        cfg = _fake_vllm_config()
+        cfg = _fake_vllm_config(model=str(tmp_path), default_expert="chat", served="alias")
         with caplog.at_level("WARNING", logger="vllm_channelmerge"):
             compat.update_vllm_config(cfg)
         assert cfg.parallel_config.worker_cls == "vllm_channelmerge.compat.ChannelMergedCPUWorker"
         assert cfg.model_config.enforce_eager is True
         assert "forcing enforce_eager" in caplog.text
-        v = cfg.model_config.logits_processors[-1]
-        assert v is compat.ExpertParamsValidator
-        v.validate_params(types.SimpleNamespace(extra_args={"expert": "code"}))
-        with pytest.raises(ValueError, match="unknown expert"):
-            v.validate_params(types.SimpleNamespace(extra_args={"expert": "nope"}))
+        from vllm.v1.engine.input_processor import InputProcessor
+
+        assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
         assert serving.REGISTRY.experts == EXPERTS
         compat.update_vllm_config(cfg)  # idempotent
-        assert cfg.model_config.logits_processors.count(compat.ExpertParamsValidator) == 1
+        assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
         # The worker classes resolve from their qualified names (what vLLM does).
         from vllm.utils.import_utils import resolve_obj_by_qualname
 
         w = resolve_obj_by_qualname(cfg.parallel_config.worker_cls)
         assert w.__name__ == "ChannelMergedCPUWorker"
         with pytest.raises(ValueError, match="speculative"):
-            compat.update_vllm_config(_fake_vllm_config(spec=object()))
+            compat.update_vllm_config(_fake_vllm_config(spec=object(), model=str(tmp_path)))
     finally:
+        serving.configure(EXPERTS)
+        serving.REGISTRY.experts = saved
+
+
+def test_config_hook_gives_the_middleware_default_expert_and_served_name(tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    monkeypatch.setattr(fmt, "check_checkpoint_experts", lambda *a: None)  # no shards here
+    saved = serving.REGISTRY.experts
+    serving.REGISTRY.experts = None
+    try:
+        compat.update_vllm_config(_fake_vllm_config(model=str(tmp_path), default_expert="chat", served="alias"))
+        assert serving.REGISTRY.experts == EXPERTS
+        assert serving.REGISTRY.default_expert == "chat" and serving.REGISTRY.served_name == "alias"
+        assert serving.resolve_model(None, {}) == "chat"
+    finally:
+        serving.configure(EXPERTS)
         serving.REGISTRY.experts = saved
 
 
@@ -396,8 +660,9 @@ def test_http_hook_adds_middleware_inside_vllms(monkeypatch):
         serving.REGISTRY.experts = saved
 
 
-def test_config_hook_installs_the_router_of_the_model_dir(tmp_path):
+def test_config_hook_installs_the_router_of_the_model_dir(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
+    monkeypatch.setattr(fmt, "check_checkpoint_experts", lambda *a: None)  # no shards here
     from merge_tool.cli import main
     from vllm_channelmerge.router import RouterError
 
@@ -419,42 +684,3 @@ def test_config_hook_installs_the_router_of_the_model_dir(tmp_path):
             compat.update_vllm_config(cfg)
     finally:
         serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
-
-
-# --- expert norm loading ----------------------------------------------------------------------
-
-def test_expert_norm_is_loaded_and_checked():
-    """`model.norm.expert_weight` goes to the wrapper's own parameter, never to vLLM's loader;
-    a missing or misshapen one is a FormatError naming the tensor."""
-    pytest.importorskip("vllm")
-    from vllm_channelmerge.models import ChannelMergedMixin
-
-    class Stock(torch.nn.Module):  # stands in for vLLM's LlamaForCausalLM
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
-            self.config = types.SimpleNamespace(tie_word_embeddings=True)
-
-        def load_weights(self, weights):
-            names = set()
-            for n, t in weights:
-                assert n == "w", f"vLLM's loader got {n}"
-                names.add(n)
-            return names
-
-    class Wrapped(ChannelMergedMixin, Stock):
-        def __init__(self):
-            super().__init__()
-            self.cm_config = fmt.ChannelMergedConfig(experts=["a", "b"], num_groups=2, expert_norms=["model.norm"])
-            self.cm_expert_norm = torch.nn.Parameter(torch.ones(2, 4), requires_grad=False)
-
-    m = Wrapped()
-    norm = torch.arange(8.0).reshape(2, 4)
-    assert m.load_weights([("w", torch.ones(3)), ("model.norm.expert_weight", norm)]) == {"w", "cm_expert_norm"}
-    assert torch.equal(m.cm_expert_norm.data, norm)
-    with pytest.raises(fmt.FormatError, match="'model.norm.expert_weight' is missing"):
-        Wrapped().load_weights([("w", torch.ones(3))])
-    with pytest.raises(fmt.FormatError, match=r"'model.norm.expert_weight' has shape \(3, 4\)"):
-        Wrapped().load_weights([("w", torch.ones(3)), ("model.norm.expert_weight", torch.ones(3, 4))])
-    with pytest.raises(fmt.FormatError, match="expert_norms"):
-        fmt.ChannelMergedConfig.from_dict({**m.cm_config.to_dict(), "expert_norms": ["model.layers.0.input_layernorm"]})
