@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger("channelmerge")
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-synthetic", help="write a tiny random base + experts and a merge.yaml")
     s.add_argument("root")
     s.add_argument("--experts", nargs="+", default=["math", "code", "chat"])
-    s.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2"])
+    s.add_argument("--arch", default="llama", choices=sorted(archs.BY_SHORT))
     s.add_argument("--true-groups", type=int, default=2)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--tied", action="store_true", help="tie the embeddings")

@@ -1,7 +1,8 @@
 """Exact RMSNorm folding: `W @ (g * x) == (W * g) @ x`.
 
 Experts differ in their norm weights too. Where an RMSNorm feeds linear layers directly
-(Llama, Mistral, Qwen2: `input_layernorm` -> q/k/v, `post_attention_layernorm` -> gate/up),
+(each architecture's `layer_folds` in vllm_channelmerge/architectures.py, e.g.
+`input_layernorm` -> q/k/v, `post_attention_layernorm` -> gate/up),
 each expert's norm is multiplied into the columns of those layers and the stored norm
 becomes ones, so the per-channel lookup carries the norm exactly. Biases are untouched by
 folding (`W (g x) + b = (W g) x + b`).
@@ -20,17 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
 
-FOLDABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-LAYER_FOLDS: dict[str, tuple[str, ...]] = {
-    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
-}
-FINAL_NORM = "model.norm.weight"
+FOLDABLE_ARCHITECTURES = frozenset(s.name for s in archs.SPECS if s.layer_folds)
+FINAL_NORM = "model.norm.weight"  # the same in every supported architecture (checked below)
 LM_HEAD = fmt.LM_HEAD_MODULE + ".weight"
 EMBED = fmt.EMBED_MODULE + ".weight"
-_LAYER_NORM_RE = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(LAYER_FOLDS) + r")\.weight$")
+assert {s.final_norm + ".weight" for s in archs.SPECS} == {FINAL_NORM}
 
 
 def is_norm(tensor_name: str) -> bool:
@@ -64,11 +62,13 @@ def plan_folding(architecture: str, tensor_names: list[str], enabled: bool) -> F
         plan.reason = (f"{architecture} is not known to apply RMSNorm right before its linear layers "
                        f"(foldable: {', '.join(sorted(FOLDABLE_ARCHITECTURES))})")
         return plan
+    folds = archs.BY_NAME[architecture].layer_folds
+    layer_norm = re.compile(r"^(model\.layers\.\d+)\.(" + "|".join(map(re.escape, folds)) + r")\.weight$")
     for n in norms:
-        m = _LAYER_NORM_RE.match(n)
+        m = layer_norm.match(n)
         targets: list[str] = []
         if m:
-            targets = [f"{m.group(1)}.{t}.weight" for t in LAYER_FOLDS[m.group(2)]]
+            targets = [f"{m.group(1)}.{t}.weight" for t in folds[m.group(2)]]
         elif n == FINAL_NORM and (LM_HEAD in names or EMBED in names):
             plan.expert_norms.append(n)
             continue

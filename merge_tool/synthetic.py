@@ -15,15 +15,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
-
-ARCH_CONFIGS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-}
 
 _WORDS = (
     "the a an of to in and is was for on with as by at from it this that be are or not have "
@@ -80,7 +75,8 @@ def make_base(
     out.mkdir(parents=True, exist_ok=True)
     if with_tokenizer:
         train_tokenizer(out, vocab_size=vocab_size, seed=seed)
-    cfg_name, model_name = ARCH_CONFIGS[arch]
+    spec = archs.BY_SHORT[arch]
+    cfg_name, model_name = spec.hf_config, spec.name
     cfg = getattr(transformers, cfg_name)(
         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,

