@@ -62,7 +62,8 @@ def test_merge_tool_imports_only_the_format_from_the_plugin():
     code = ("import sys, merge_tool.cli, merge_tool.merge, merge_tool.extract, merge_tool.inspect; "
             "print(sorted(m for m in sys.modules if m.startswith('vllm_channelmerge')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['vllm_channelmerge', 'vllm_channelmerge.format']"
+    # The format and the architecture table it is built from: the contract both halves share.
+    assert out.strip() == "['vllm_channelmerge', 'vllm_channelmerge.architectures', 'vllm_channelmerge.format']"
 
 
 def test_usage_errors():
