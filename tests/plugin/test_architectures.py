@@ -1,6 +1,9 @@
-"""Mistral and Qwen2 (biases) wrappers against stock vLLM on extracted experts.
+"""Mistral, Qwen2 (biases) and Qwen3 (per-head q/k norms) wrappers against stock vLLM on
+extracted experts.
 
-Four more engine start-ups (~3-4 minutes on 2 cores), so opt-in:
+Qwen3 runs in every suite: it was added through the architecture table alone
+(vllm_channelmerge/architectures.py), and this proves the table is enough. Mistral and Qwen2
+are four more engine start-ups (~3-4 minutes on 2 cores), so opt-in:
 ``CHANNELMERGE_TEST_ALL_ARCHS=1 pytest tests/plugin/test_architectures.py``.
 (The Llama wrapper is covered by test_engine.py in every run.)
 """
@@ -14,12 +17,13 @@ import pytest
 
 from .conftest import needs_vllm, run_script
 
-pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow,
-              pytest.mark.skipif(os.environ.get("CHANNELMERGE_TEST_ALL_ARCHS") != "1",
-                                 reason="opt-in: set CHANNELMERGE_TEST_ALL_ARCHS=1")]
+pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow]
+_OPT_IN = pytest.mark.skipif(os.environ.get("CHANNELMERGE_TEST_ALL_ARCHS") != "1",
+                             reason="opt-in: set CHANNELMERGE_TEST_ALL_ARCHS=1")
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", [pytest.param("mistral", marks=_OPT_IN), pytest.param("qwen2", marks=_OPT_IN),
+                                  "qwen3"])
 def test_architecture_matches_extracted(arch, vllm_env, tmp_path):
     from merge_tool.config import MergeConfig
     from merge_tool.extract import extract_expert
@@ -39,8 +43,10 @@ def test_architecture_matches_extracted(arch, vllm_env, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     got, want = json.loads(out_p.read_text()), json.loads(out_r.read_text())
     for n in names[:2]:
+        assert len(got["single"][n]) == len(want[n]["prompts"]) > 0, f"{arch} {n}"  # zip() passes on empty
         for i, (a, b) in enumerate(zip(got["single"][n], want[n]["prompts"])):
             assert a["tokens"] == b["tokens"], f"{arch} {n} prompt {i}"
+            assert len(a["logprobs"]) == len(b["logprobs"]) > 0, f"{arch} {n} prompt {i}"
             for sa, sb in zip(a["logprobs"], b["logprobs"]):
                 for t in set(sa) & set(sb):
                     assert abs(sa[t] - sb[t]) <= 1e-3
