@@ -9,7 +9,6 @@ majority-group strategy pays for).
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,9 @@ from vllm_channelmerge import format as fmt
 
 def _shapes(d: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes from the safetensors headers (cheap: headers only)."""
-    idx = d / fmt.INDEX_FILE
-    files = sorted(set(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() else \
-        [p.name for p in sorted(d.glob("*.safetensors"))]
     shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with open(d / f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
+    for f in fmt.checkpoint_shards(str(d)):
+        for k, v in fmt.read_safetensors_header(f).items():
             if k != "__metadata__":
                 shapes[k] = tuple(v["shape"])
     return shapes
@@ -35,11 +28,7 @@ def _shapes(d: Path) -> dict[str, tuple[int, ...]]:
 def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
     """Summary of a merged checkpoint as a JSON-able dict."""
     d = Path(merged_dir)
-    cfg_path = d / fmt.CONFIG_FILE
-    if not cfg_path.exists():
-        raise fmt.FormatError(f"{cfg_path}: not found; is {d} a channel-merged checkpoint?")
-    cfg = json.loads(cfg_path.read_text())
-    qc = fmt.read_quant_config(cfg, str(cfg_path))
+    qc = fmt.read_checkpoint_config(d)
     rp = d / fmt.REPORT_FILE
     report = json.loads(rp.read_text()) if rp.exists() else {}
     shapes = _shapes(d)
@@ -69,7 +58,7 @@ def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
     return {
         "path": str(d),
         "format_version": qc.format_version,
-        "architecture": cfg.get("architectures", ["?"])[0],
+        "architecture": fmt.WRAPPER_ARCHITECTURES.get(qc.base_architecture, "?"),
         "base_architecture": qc.base_architecture,
         "experts": qc.experts,
         "num_groups": qc.num_groups,

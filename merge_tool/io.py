@@ -159,7 +159,7 @@ class ModelReader:
     def _data_end(f: Path) -> int:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
+        header = fmt.read_safetensors_header(str(f))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
         return 8 + n + (max(ends) if ends else 0)
 
