@@ -8,6 +8,7 @@ allowed values, because a merge that fails after minutes on a typo is the worst 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,9 +18,12 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from merge_tool import methods as _methods
 from vllm_channelmerge import format as fmt
 
-METHODS = ("average", "task_arithmetic", "ties", "dare")
+log = logging.getLogger(__name__)
+
+METHODS = tuple(_methods.METHODS)  # the registry's names, in its order
 SIMILARITIES = ("cosine", "euclidean")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
@@ -96,12 +100,50 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+_P = _methods.PARAMS
+
+
+def _check_density(v: Optional[float]) -> Optional[float]:
+    if v is not None and not 0.0 < v <= 1.0:
+        raise ValueError("density must be in (0, 1]")
+    return v
+
+
+def _check_weight(v: Optional[float]) -> Optional[float]:
+    # > 0: average, ties and `normalize` divide by a group's sum of weights, and TIES elects
+    # signs of weighted entries; a zero or negative weight would make those meaningless.
+    if v is not None and not 0.0 < v <= MAX_ABS_SCALE:
+        raise ValueError(f"weight is {v!r}; it must be > 0 and <= {MAX_ABS_SCALE:g}")
+    return v
+
+
+class ExpertParams(BaseModel):
+    """Per-expert method parameters (`experts[i].parameters`, as mergekit's per-model
+    `parameters`); each overrides the global value under `parameters:` for this expert."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: Optional[StrictNumFloat] = Field(None, description=_P["weight"].doc)
+    density: Optional[StrictNumFloat] = Field(None, description=_P["density"].doc)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: Optional[float]) -> Optional[float]:
+        return _check_weight(v)
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: Optional[float]) -> Optional[float]:
+        return _check_density(v)
+
+
 class ExpertSpec(BaseModel):
-    """One fine-tuned expert: its public (OpenAI model) name and its HF folder."""
+    """One fine-tuned expert: its public (OpenAI model) name, its HF folder and, optionally,
+    its own method parameters."""
 
     model_config = ConfigDict(extra="forbid")
     name: StrictStr
     model: StrictStr
+    parameters: Optional[ExpertParams] = None
 
     @field_validator("name")
     @classmethod
@@ -113,15 +155,16 @@ class ExpertSpec(BaseModel):
 
 
 class MethodParams(BaseModel):
-    """Parameters of the in-group merge method (unused ones are ignored by a method)."""
+    """Global parameters of the in-group merge method (`parameters:`); their defaults and
+    meaning come from the registry (`merge_tool.methods.PARAMS`). A parameter the chosen
+    method does not read is ignored with a warning, as mergekit ignores it."""
 
     model_config = ConfigDict(extra="forbid")
-    scale: StrictNumFloat = Field(1.0, description="lambda: task vectors are summed and scaled by it "
-                                                   "(task_arithmetic, ties, dare); |scale| <= 1000")
-    density: StrictNumFloat = Field(0.5, description="fraction of each task vector kept (ties, dare)")
-    seed: StrictNumInt = Field(0, description="seed of DARE's random drop mask")
-    normalize: StrictBool = Field(False, description="task_arithmetic/dare: divide the sum by the number "
-                                                     "of group members (mergekit's `normalize`)")
+    scale: StrictNumFloat = Field(_P["scale"].default, description=_P["scale"].doc)
+    density: StrictNumFloat = Field(_P["density"].default, description=_P["density"].doc)
+    seed: StrictNumInt = Field(_P["seed"].default, description=_P["seed"].doc)
+    normalize: StrictBool = Field(_P["normalize"].default, description=_P["normalize"].doc)
+    weight: StrictNumFloat = Field(_P["weight"].default, description=_P["weight"].doc)
 
     @model_validator(mode="before")
     @classmethod
@@ -136,9 +179,12 @@ class MethodParams(BaseModel):
     @field_validator("density")
     @classmethod
     def _density(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError("density must be in (0, 1]")
-        return v
+        return _check_density(v)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        return _check_weight(v)
 
     @field_validator("scale")
     @classmethod
@@ -155,6 +201,12 @@ class MethodParams(BaseModel):
             raise ValueError(f"seed is {v}; it must be >= 0")
         return v
 
+
+# Every registry parameter is a MethodParams field, and the per-expert ones ExpertParams fields:
+# a parameter added to the registry without its validation fails at import, not in a merge.
+if (set(MethodParams.model_fields) != set(_P)
+        or set(ExpertParams.model_fields) != {p.name for p in _P.values() if p.per_expert}):
+    raise ImportError("merge_tool.methods.PARAMS and the config's parameter fields disagree")
 
 _PARAM_KEYS = ("scale", "lambda", "density", "seed", "normalize")
 
@@ -179,7 +231,7 @@ class MergeConfig(BaseModel):
         default_factory=dict,
         description="glob pattern on tensor or module name -> K for the matching tensors")
     similarity: Literal["cosine", "euclidean"] = "cosine"
-    method: Literal["average", "task_arithmetic", "ties", "dare"] = "average"
+    method: Literal[METHODS] = "average"  # type: ignore[valid-type]  # the registry's names
     parameters: MethodParams = Field(default_factory=MethodParams)
     fold_norms: StrictBool = True
     collapse_identical: StrictBool = Field(
@@ -256,6 +308,19 @@ class MergeConfig(BaseModel):
                                  f"the number of experts ({n})")
         return self
 
+    @model_validator(mode="after")
+    def _unused_parameters(self) -> "MergeConfig":
+        """Parameters the method does not read: ignored (as by mergekit), but never silently."""
+        m = _methods.get_method(self.method)
+        unused = [f"parameters.{k}" for k in self.parameters.model_fields_set if not m.uses(k)]
+        for i, e in enumerate(self.experts):
+            if e.parameters is not None:
+                unused += [f"experts.{i}.parameters.{k}" for k in e.parameters.model_fields_set
+                           if getattr(e.parameters, k) is not None and not m.uses(k)]
+        if unused:
+            log.warning("method %s does not use %s; ignored", self.method, ", ".join(sorted(unused)))
+        return self
+
     @field_validator("default_expert")
     @classmethod
     def _default_expert(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
@@ -273,6 +338,32 @@ class MergeConfig(BaseModel):
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
+
+    def merge_params(self) -> _methods.MergeParams:
+        """The method's parameters with each expert's own `weight` / `density` filled in
+        (the expert's value, else the one under `parameters:`, as in mergekit)."""
+        p = self.parameters
+
+        def per_expert(name: str) -> Optional[tuple[float, ...]]:
+            vals = [getattr(e.parameters, name) if e.parameters is not None else None for e in self.experts]
+            if all(v is None for v in vals) and getattr(p, name) == _P[name].default:
+                return None  # every expert at the default: the merge's plain path
+            return tuple(getattr(p, name) if v is None else v for v in vals)
+
+        return _methods.MergeParams(scale=p.scale, normalize=p.normalize, seed=p.seed, density=p.density,
+                                    weights=per_expert("weight"), densities=per_expert("density"))
+
+    def used_parameters(self) -> dict[str, Any]:
+        """What the method reads: {global name: value}, and `experts` {name: {param: value}}
+        when any expert has its own value (for the report, the model card, channelmerge.yaml)."""
+        m = _methods.get_method(self.method)
+        out: dict[str, Any] = {k: v for k, v in self.parameters.model_dump().items() if m.uses(k)}
+        own = {e.name: {k: v for k, v in e.parameters.model_dump().items() if v is not None and m.uses(k)}
+               for e in self.experts if e.parameters is not None}
+        own = {n: d for n, d in own.items() if d}
+        if own:
+            out["experts"] = own
+        return out
 
     def is_selected(self, tensor_name: str) -> bool:
         """Whether a channel tensor is channel-merged with its K (else stored with K=1)."""
@@ -297,7 +388,7 @@ class MergeConfig(BaseModel):
             return str(pp if pp.is_absolute() else (base_dir / pp).resolve())
         update: dict[str, Any] = {
             "base_model": res(self.base_model),
-            "experts": [ExpertSpec(name=e.name, model=res(e.model)) for e in self.experts],
+            "experts": [e.model_copy(update={"model": res(e.model)}) for e in self.experts],
         }
         if self.router is not None:
             update["router"] = RouterSpec(examples=res(self.router.examples))
@@ -331,8 +422,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 msg += f"; allowed fields: {', '.join(MergeConfig.model_fields)}"
             elif e["loc"][0] == "parameters":
                 msg += f"; allowed fields: {', '.join(MethodParams.model_fields)} (or lambda)"
+            elif e["loc"][0] == "experts" and len(e["loc"]) == 3:
+                msg += f"; allowed fields: {', '.join(ExpertSpec.model_fields)}"
             elif e["loc"][0] == "experts":
-                msg += "; allowed fields: name, model"
+                msg += f"; allowed fields: {', '.join(ExpertParams.model_fields)}"
             elif e["loc"][0] == "router":
                 msg += "; allowed fields: examples"
         elif e["type"] == "missing":
@@ -375,4 +468,14 @@ def dump_config(cfg: MergeConfig) -> str:
     for key in ("router", "default_expert"):
         if data.get(key) is None:
             data.pop(key, None)  # optional: absent when unused
+    # The record of what the merge used: the parameters the method reads, and per-expert
+    # ones only where given (so that re-reading it warns about nothing).
+    m = _methods.get_method(cfg.method)
+    data["parameters"] = {k: v for k, v in data["parameters"].items() if m.uses(k)}
+    for e in data["experts"]:
+        own = {k: v for k, v in (e.get("parameters") or {}).items() if v is not None and m.uses(k)}
+        if own:
+            e["parameters"] = own
+        else:
+            e.pop("parameters", None)
     return yaml.safe_dump(data, sort_keys=False)

@@ -167,7 +167,8 @@ class _Merger:
         self.names = cfg.expert_names
         self.dev = device
         self.method = methods.get_method(cfg.method)
-        self.params = cfg.parameters
+        self.sparsifier = self.method.sparsifier  # None: the method keeps task vectors whole
+        self.params = cfg.merge_params()
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.norms: dict[str, list[torch.Tensor]] = {}  # norm -> [base, expert...] float32
         for nname in set(fp.targets.values()):
@@ -177,11 +178,15 @@ class _Merger:
         x = t[r0:r1].to(self.dev, torch.float32)
         return foldmod.fold(x, norm) if norm is not None else x
 
-    def _thresholds(self, base_t: torch.Tensor, ex_t: list[torch.Tensor], norms: Optional[list[torch.Tensor]],
-                    is_vec: bool = False) -> list[float]:
-        """TIES: per-expert magnitude threshold over the whole (folded) task vector."""
+    def _stats(self, base_t: torch.Tensor, ex_t: list[torch.Tensor], norms: Optional[list[torch.Tensor]],
+               is_vec: bool = False) -> list[float]:
+        """Per-expert whole-tensor statistics of the (folded) task vectors, for a sparsifier
+        that needs them (TIES's magnitude thresholds); [] for the others."""
+        sp = self.sparsifier
+        if sp is None or not sp.needs_stats:
+            return []
         out = []
-        d = self.params.density
+        dens = self.params.density_list(len(ex_t))
         for i, w in enumerate(ex_t):
             if is_vec:
                 delta = w.to(self.dev, torch.float32) - base_t.to(self.dev, torch.float32)
@@ -189,28 +194,16 @@ class _Merger:
                 nb = norms[0] if norms else None
                 ne = norms[i + 1] if norms else None
                 delta = self._rows(w, 0, w.shape[0], ne) - self._rows(base_t, 0, base_t.shape[0], nb)
-            out.append(methods.magnitude_threshold(delta, d))
+            out.append(sp.stat(delta, dens[i]))
             del delta
         return out
 
-    def _sparsify(self, d: torch.Tensor, key_name: str, thresholds: list[float], flat0: int,
+    def _sparsify(self, d: torch.Tensor, key_name: str, stats: list[float], flat0: int,
                   row_len: int) -> torch.Tensor:
-        """Apply the method's whole-tensor sparsification to a block [R, N, I] of `key_name`."""
-        sp = self.method.sparsify
-        if sp is None:
+        """The method's whole-tensor sparsification of a block [R, N, I] of `key_name`."""
+        if self.sparsifier is None:
             return d
-        dens = self.params.density
-        if dens >= 1.0:
-            return d
-        if sp == "magnitude":
-            thr = torch.tensor(thresholds, dtype=d.dtype, device=d.device).view(1, -1, 1)
-            return d * (d.abs() >= thr).to(d.dtype)
-        r, n, i = d.shape
-        flat = (flat0 + torch.arange(r, device=d.device, dtype=torch.int64).unsqueeze(1) * row_len
-                + torch.arange(i, device=d.device, dtype=torch.int64).unsqueeze(0))
-        keep = torch.stack([methods.dare_keep_mask(methods.dare_key(self.params.seed, key_name, e), flat, dens)
-                            for e in range(n)], 1)
-        return d * keep.to(d.dtype) / dens
+        return self.sparsifier.apply(d, methods.Block(key_name, flat0, row_len), stats, self.params)
 
     def _ws(self, key: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A reusable work buffer: fresh big allocations cost page faults on every tensor."""
@@ -250,10 +243,10 @@ class _Merger:
         norms = self.norms[job.norm] if job.norm else None
         thr_w: list[float] = []
         thr_b: list[float] = []
-        if self.method.sparsify == "magnitude" and not job.identical:
-            thr_w = self._thresholds(bt, ets, norms)
+        if not job.identical:
+            thr_w = self._stats(bt, ets, norms)
             if job.bias:
-                thr_b = self._thresholds(bb, ebs, None, is_vec=True)
+                thr_b = self._stats(bb, ebs, None, is_vec=True)
         k = job.k
         width = in_dim + (1 if job.bias else 0)
         esize = torch.empty((), dtype=job.dtype).element_size()
@@ -284,7 +277,7 @@ class _Merger:
                 gram = torch.zeros(rr, n_exp, n_exp, device=self.dev)
                 dnorm += _sumsq(d)
             assign = clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
-            if self.method.sparsify is None or job.identical:
+            if self.sparsifier is None or job.identical:
                 ds = d
             else:
                 ds = self._sparsify(d[:, :, :in_dim], job.name, thr_w, r0 * in_dim, in_dim)
@@ -336,7 +329,7 @@ class _Merger:
         onehot = torch.nn.functional.one_hot(assign, k)  # [R, N, K]
         sizes = onehot.sum(1)  # [R, K]
         g = out if out is not None else torch.empty((k, r, width), dtype=torch.float32, device=self.dev)
-        if self.method.coefficients is not None:
+        if self.method.linear:
             coef = self.method.coefficients(onehot.transpose(1, 2).to(ds.dtype), self.params)  # [R, K, N]
             for gi in range(k):
                 torch.bmm(coef[:, gi:gi + 1, :], ds, out=g[gi].unsqueeze(1))
@@ -369,8 +362,7 @@ class _Merger:
         b = bt.to(self.dev, torch.float32).reshape(1, -1)
         w = torch.stack([e.to(self.dev, torch.float32).reshape(-1) for e in ets]).unsqueeze(0)  # [1, N, I]
         d = w - b.unsqueeze(1)
-        thr = self._thresholds(bt, ets, None, is_vec=True) if self.method.sparsify == "magnitude" else []
-        ds = self._sparsify(d, job.name, thr, 0, d.shape[2])
+        ds = self._sparsify(d, job.name, self._stats(bt, ets, None, is_vec=True), 0, d.shape[2])
         assign = torch.zeros((1, len(ets)), dtype=torch.int64, device=self.dev)
         g = self._combine(ds, b, w, assign, 1)[0, 0]
         gc = g.to(job.dtype)
@@ -444,7 +436,7 @@ def _model_card(cfg: MergeConfig, report: dict[str, Any]) -> str:
         f"- Base architecture: `{report['architecture']}`",
         f"- Groups per channel (K): {cfg.num_groups}" + (
             f" (per-tensor overrides: {json.dumps(cfg.num_groups_overrides)})" if cfg.num_groups_overrides else ""),
-        f"- In-group method: `{cfg.method}` {cfg.parameters.model_dump() if cfg.method != 'average' else ''}",
+        f"- In-group method: `{cfg.method}` {cfg.used_parameters() or ''}",
         f"- Similarity: {cfg.similarity}",
         f"- Parameters stored: {p['stored']:,} = {p['ratio']:.3f} of the ensemble ({p['ensemble']:,})",
         f"- Norms folded into linear layers: {len(report['folded_norms'])}; merged across experts: "
@@ -569,7 +561,7 @@ def _write_metadata(tmp: Path, cfg: MergeConfig, base: ModelReader, experts: lis
         "experts": cfg.expert_names,
         "num_groups": cfg.num_groups,
         "method": cfg.method,
-        "parameters": cfg.parameters.model_dump(),
+        "parameters": cfg.used_parameters(),
         "similarity": cfg.similarity,
         "architecture": base.architecture,
         "tie_word_embeddings": base.tied,

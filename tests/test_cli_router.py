@@ -9,7 +9,7 @@ import pytest
 from merge_tool.cli import main
 from vllm_channelmerge import format as fmt
 from vllm_channelmerge import serving
-from vllm_channelmerge.router import Router, router_dir
+from vllm_channelmerge.router import Router, load_examples_jsonl, router_dir
 
 EXPERTS = ["math", "code", "chat"]
 WORDS = {
@@ -49,7 +49,15 @@ def test_router_train_and_predict(tmp_path, capsys):
     ex = write_jsonl(tmp_path / "ex.jsonl", examples_rows())
     assert main(["router", "train", str(d), ex]) == 0
     out = capsys.readouterr().out
-    assert "training accuracy 1.000" in out and "math: 12 examples" in out and "chat: 13 examples" in out
+    # The report is what the saved router does on the examples, computed here independently.
+    examples = load_examples_jsonl(ex)
+    router = Router.load(router_dir(d), EXPERTS)
+    right = {e: sum(p == e for p in router.predict(texts)) for e, texts in examples.items()}
+    total = sum(len(t) for t in examples.values())
+    assert f"{total} examples, training accuracy {sum(right.values()) / total:.3f}" in out
+    for e, texts in examples.items():
+        assert f"  {e}: {len(texts)} examples, {right[e] / len(texts):.3f} routed back to it" in out
+    assert [len(examples[e]) for e in EXPERTS] == [12, 12, 13] and sum(right.values()) / total > 0.9
     assert sorted(p.name for p in router_dir(d).iterdir()) == ["router.json", "vocab.json", "weights.safetensors"]
     assert [p.name for p in d.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     assert main(["router", "predict", str(d), "please add seven plus nine", "def python function",

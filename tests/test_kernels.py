@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,12 @@ from vllm_channelmerge.kernels import (
 
 GENERAL = ["all_groups", "per_expert_gather", "majority_residual", "hot_cache"]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Draws without a generator are the same in every run, whatever ran before."""
+    torch.manual_seed(0)
 
 
 def make_group_index(n: int, k: int, out: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,7 +92,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}K{}o{}i{}T{}-{}".format(*c))
 def test_strategies_match_reference(case, bias, dtype):
     n, k, out, inp, t, kind = case
-    gen = torch.Generator().manual_seed(hash(case) % 1000)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) % 1000)  # hash() varies per process
     cache = HotExpertCache(budget_bytes=1 << 20)
     w, gi, b, st = make_layer(n, k, out, inp, dtype, bias, seed=t, cache=cache)
     ids = ids_for(kind, n, t, gen)

@@ -90,6 +90,148 @@ def test_k1_ties_with_qwen2_biases(qwen2_tied_family, tmp_path):
     assert "lm_head.weight" not in st  # tied and not folded: stays tied
 
 
+# -- 1 < K < N: every stored group row against a straight-line reference -----------------------
+
+WEIGHTS = (0.5, 1.0, 2.0, 1.5)
+DENSITIES = (0.3, 0.5, 0.8, 1.0)
+
+
+def _top_density(d: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit `magnitude`: keep the int(density * numel) largest |x| of a whole tensor."""
+    if density >= 1.0:
+        return d.clone()
+    flat = d.reshape(-1)
+    top = torch.argsort(flat.abs(), descending=True)[:int(density * flat.numel())]
+    out = torch.zeros_like(flat)
+    out[top] = flat[top]
+    return out.reshape(d.shape)
+
+
+def _group_delta(method: str, p: dict, rows: torch.Tensor, w: list[float]) -> torch.Tensor:
+    """One group's merged task vector from its members' (sparsified) rows [m, I]."""
+    wt = torch.tensor(w, dtype=torch.float64).unsqueeze(1)
+    rows = rows.double()
+    if method == "average":
+        return (wt * rows).sum(0) / wt.sum()
+    if method in ("task_arithmetic", "dare"):
+        out = p.get("scale", 1.0) * (wt * rows).sum(0)
+        return out / wt.sum() if p.get("normalize") else out
+    assert method == "ties"
+    sign = torch.where((wt * rows).sum(0) >= 0, 1.0, -1.0)
+    agree = (rows != 0) & (torch.sign(rows) == sign)
+    num, den = (wt * rows * agree).sum(0), (wt * agree).sum(0)
+    return p.get("scale", 1.0) * torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def _reference_check(name, base, experts, stored, gidx, method, p, weights, densities):
+    """Per channel and group: a one-member group is its expert exactly; a larger one is the
+    base plus the method's merge of its members' rows. Returns how many multi-member groups
+    were checked."""
+    b = base.double()
+    ds = [e.double() - b for e in experts]
+    if method == "ties":
+        ds = [_top_density(d, x) for d, x in zip(ds, densities)]
+    elif method == "dare":
+        flat = torch.arange(b.numel()).reshape(b.shape)
+        ds = [torch.where(methods.dare_keep_mask(methods.dare_key(p["seed"], name, n), flat, x), d / x, 0.0)
+              if x < 1.0 else d for n, (d, x) in enumerate(zip(ds, densities))]
+    n_exp, merged = len(experts), 0
+    for c in range(b.shape[0]):
+        for g in sorted({int(v) for v in gidx[:, c]}):
+            members = [n for n in range(n_exp) if int(gidx[n, c]) == g]
+            if len(members) == 1:
+                assert torch.equal(stored[g, c], experts[members[0]][c]), (name, c, g)
+                continue
+            rows = torch.stack([ds[n][c] for n in members])
+            want = b[c] + _group_delta(method, p, rows, [weights[n] for n in members])
+            assert torch.allclose(stored[g, c].double(), want, atol=2e-6, rtol=1e-5), (name, c, g, members)
+            merged += 1
+    return merged
+
+
+VALUE_CASES = [
+    ("average", {}),
+    ("task_arithmetic", {"scale": 0.8}),
+    ("task_arithmetic", {"scale": 0.8, "normalize": True}),
+    ("ties", {"scale": 0.9, "density": 0.4}),
+    ("dare", {"scale": 0.7, "density": 0.6, "seed": 5, "normalize": True}),
+]
+
+
+@pytest.mark.parametrize("k,weighted", [(2, True), (3, True), (2, False)], ids=["k2-weighted", "k3-weighted", "k2"])
+@pytest.mark.parametrize("method,params", VALUE_CASES, ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_groups_match_a_straight_line_reference(llama_family, tmp_path, method, params, k, weighted):
+    """N=4, K=2 and 3: the groups really merge (1 < K < N), with per-expert weights and, for
+    ties/dare, per-expert densities, and without (the unit-weight fast paths); the stored
+    partition is taken as given."""
+    d = llama_family.config(num_groups=k, method=method, parameters=params, fold_norms=False,
+                            block_rows=37)  # several row blocks per tensor
+    names = list(llama_family.experts)
+    weights, densities = (WEIGHTS if weighted else (1.0,) * 4), [params.get("density", 0.5)] * 4
+    if weighted:
+        for e, w, x in zip(d["experts"], WEIGHTS, DENSITIES):
+            e["parameters"] = {"weight": w, **({"density": x} if method in ("ties", "dare") else {})}
+        if method in ("ties", "dare"):
+            densities = list(DENSITIES)
+    st = load_dir(run_merge(parse_config(d), tmp_path / "m", progress=False))
+    base = load_dir(llama_family.base)
+    experts = [load_dir(llama_family.experts[n]) for n in names]
+    merged = 0
+    for name, b in base.items():
+        e = [x[name] for x in experts]
+        if fmt.is_channel_tensor(name):
+            gidx = st[fmt.group_index_name(name)]
+            assert st[name].shape == (k, *b.shape)
+            merged += _reference_check(name, b, e, st[name], gidx, method, params, weights, densities)
+        else:  # norms (not folded here): one group of all experts, K=1
+            gidx = torch.zeros(4, b.shape[0], dtype=torch.int32)
+            _reference_check(name, b.unsqueeze(1), [x.unsqueeze(1) for x in e], st[name].view(1, -1, 1), gidx,
+                             method, params, weights, densities)
+    assert merged > 1000  # multi-member groups were exercised, not only copies
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_qwen2_bias_is_part_of_the_channel(qwen2_tied_family, tmp_path, method):
+    """A bias element follows its row's group; it is sparsified as its own whole tensor."""
+    params = {"density": 0.5, "seed": 2} if method == "dare" else {"density": 0.5}
+    d = qwen2_tied_family.config(num_groups=2, method=method, parameters=params, fold_norms=False)
+    for e, w in zip(d["experts"], (0.5, 2.0, 1.0)):
+        e["parameters"] = {"weight": w}
+    st = load_dir(run_merge(parse_config(d), tmp_path / "m", progress=False))
+    base = load_dir(qwen2_tied_family.base)
+    experts = [load_dir(p) for p in qwen2_tied_family.experts.values()]
+    name = "model.layers.0.self_attn.k_proj.bias"
+    gidx = st[fmt.group_index_name(name.replace(".bias", ".weight"))]
+    merged = _reference_check(name, base[name].unsqueeze(1), [e[name].unsqueeze(1) for e in experts],
+                              st[name].unsqueeze(2), gidx, method, params, (0.5, 2.0, 1.0), [0.5] * 3)
+    assert merged > 0
+
+
+def test_unused_parameters_change_nothing_and_are_not_recorded(llama_family, tmp_path, caplog):
+    """A parameter the method does not read is ignored (as by mergekit), with a warning; the
+    checkpoint records what the method did read, per-expert values included."""
+    plain = run_merge(llama_family.merge_config(method="average"), tmp_path / "a", progress=False)
+    d = llama_family.config(method="average", parameters={"seed": 9, "density": 0.2})
+    d["experts"][0]["parameters"] = {"density": 0.1}
+    with caplog.at_level("WARNING", logger="merge_tool.config"):
+        cfg = parse_config(d)
+    assert "method average does not use experts.0.parameters.density, parameters.density, parameters.seed" \
+        in caplog.text
+    extra = run_merge(cfg, tmp_path / "b", progress=False)
+    for f in sorted(p.name for p in plain.glob("*.safetensors")):
+        assert (plain / f).read_bytes() == (extra / f).read_bytes()
+    saved = yaml.safe_load((extra / fmt.MERGE_CONFIG_FILE).read_text())
+    assert saved["parameters"] == {"weight": 1.0} and "parameters" not in saved["experts"][0]
+    d = llama_family.config(method="ties", parameters={"density": 0.3})
+    d["experts"][1]["parameters"] = {"weight": 2.0, "density": 0.6}
+    out = run_merge(parse_config(d), tmp_path / "c", progress=False)
+    rep = json.loads((out / fmt.REPORT_FILE).read_text())
+    assert rep["parameters"] == {"scale": 1.0, "density": 0.3, "weight": 1.0,
+                                 "experts": {"code": {"weight": 2.0, "density": 0.6}}}
+    again = parse_config(yaml.safe_load((out / fmt.MERGE_CONFIG_FILE).read_text()))
+    assert again.merge_params().weights == (1.0, 2.0, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_kn_is_bit_exact(llama_family, tmp_path, dtype):
     cfg = llama_family.merge_config(num_groups=4, fold_norms=False, method="ties", dtype=dtype)
@@ -204,9 +346,58 @@ def test_deterministic_and_sharded(llama_family, tmp_path):
             assert name in h.keys()
 
 
-def test_euclidean_similarity_runs(mistral_family, tmp_path):
-    out = run_merge(mistral_family.merge_config(similarity="euclidean"), tmp_path / "m", progress=False)
-    assert fmt.read_quant_config(json.loads((out / fmt.CONFIG_FILE).read_text())).similarity == "euclidean"
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_similarity_picks_the_closest_pair(mistral_family, tmp_path, similarity):
+    """3 experts, K=2: the exact partition puts the two closest task vectors of each channel
+    together (k-means cost of {a|bc} is |b-c|^2/2), closest by angle for cosine and by
+    distance for euclidean."""
+    out = run_merge(mistral_family.merge_config(similarity=similarity, fold_norms=False), tmp_path / "m",
+                    progress=False)
+    assert fmt.read_quant_config(json.loads((out / fmt.CONFIG_FILE).read_text())).similarity == similarity
+    st = load_dir(out)
+    base = load_dir(mistral_family.base)
+    experts = [load_dir(p) for p in mistral_family.experts.values()]
+    checked = 0
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        d = torch.stack([e[name].double() - base[name].double() for e in experts])  # [3, out, in]
+        if similarity == "cosine":
+            d = d / d.norm(dim=2, keepdim=True)
+        gi = st[fmt.group_index_name(name)]
+        for c in range(d.shape[1]):
+            pairs = {(0, 1): 2, (0, 2): 1, (1, 2): 0}  # pair -> the expert left alone
+            dist = {pq: float((d[pq[0], c] - d[pq[1], c]).norm()) for pq in pairs}
+            a, b = min(dist, key=dist.get)
+            alone = pairs[(a, b)]
+            assert gi[a, c] == gi[b, c] != gi[alone, c], (name, c, dist)
+            checked += 1
+    assert checked > 500
+
+
+def test_cosine_and_euclidean_differ_on_scaled_experts(tmp_path):
+    """Expert c = base + 3 * (a - base) is a's direction with another magnitude; b is a plus noise.
+    Cosine groups a with c in every channel; euclidean groups the two small ones."""
+    from safetensors.torch import save_file
+
+    from merge_tool.synthetic import make_family
+
+    base_dir, dirs = make_family(tmp_path / "src", ["a", "b", "c"], true_groups=3)
+    base, a = load_dir(base_dir), load_dir(dirs["a"])
+    b = load_dir(dirs["b"])
+    gen = torch.Generator().manual_seed(3)
+    for name, t in base.items():
+        if fmt.is_channel_tensor(name) and name.endswith(".weight"):
+            # b: a's task vector plus a small perturbation, so it is nearer a than c is (euclidean)
+            b[name] = a[name] + 0.3 * (a[name] - t).abs().mean() * torch.randn(t.shape, generator=gen)
+    c = {n: (base[n] + 3 * (a[n] - base[n])) for n in base}
+    save_file(b, str(dirs["b"] / "model.safetensors"), metadata={"format": "pt"})
+    save_file(c, str(dirs["c"] / "model.safetensors"), metadata={"format": "pt"})
+    d = {"base_model": str(base_dir), "experts": [{"name": n, "model": str(p)} for n, p in dirs.items()],
+         "num_groups": 2, "fold_norms": False}
+    q = fmt.group_index_name("model.layers.0.self_attn.q_proj.weight")
+    cos = load_dir(run_merge(parse_config({**d, "similarity": "cosine"}), tmp_path / "cos", progress=False))[q]
+    euc = load_dir(run_merge(parse_config({**d, "similarity": "euclidean"}), tmp_path / "euc", progress=False))[q]
+    assert bool((cos[0] == cos[2]).all()) and bool((cos[1] != cos[0]).all())  # same direction: a, c
+    assert bool((euc[0] == euc[1]).all()) and bool((euc[2] != euc[0]).all())  # nearest: a, b
 
 
 def test_force_overwrites(merged_llama_k2, llama_family, tmp_path):

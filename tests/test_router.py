@@ -178,7 +178,7 @@ def test_bad_router_dir_errors_name_the_file(trained, tmp_path, case):
 
 
 def test_route_request_bodies(trained):
-    router = trained[0]
+    router, pipe = trained[0], trained[1]
     chat = {"model": "auto", "messages": [{"role": "system", "content": "You are helpful."},
                                           {"role": "user", "content": "Tell me about Paris."},
                                           {"role": "assistant", "content": "Paris is..."},
@@ -186,7 +186,12 @@ def test_route_request_bodies(trained):
     assert router.route_request(chat) == "math"
     assert router({"model": "auto", "prompt": ["Write a Python function `f(x)` that returns x squared."]}) == "code"
     assert router({"model": "auto", "input": "今天天气怎么样？"}) == "zh"
-    assert router({"model": "auto"}) in EXPERTS  # no text: still one of the experts
+    # No text: no feature fires, so the pick is the class with the largest intercept, as
+    # sklearn's pipeline picks it for "".
+    assert np.count_nonzero(router.features([""])) == 0
+    assert router.intercept.shape == (len(EXPERTS),)
+    want = router.experts[int(np.argmax(router.intercept))]
+    assert router({"model": "auto"}) == want == str(pipe.predict([""])[0])
 
 
 def test_examples_jsonl_and_last_user_message(tmp_path):

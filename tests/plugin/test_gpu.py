@@ -34,5 +34,6 @@ def test_runner_v1_and_v2_agree(runner, merged_family, plugin_run, vllm_env, tmp
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     got = json.loads(out.read_text())
     for e in EXPERTS:
+        assert len(got["single"][e]) == len(plugin_run["single"][e]) > 0, (runner, e)  # zip() passes on empty
         for a, b in zip(got["single"][e], plugin_run["single"][e]):
             assert a["tokens"] == b["tokens"], (runner, e)

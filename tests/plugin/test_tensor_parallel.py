@@ -28,8 +28,10 @@ def test_tp2_equals_tp1(merged_family, plugin_run, vllm_env, tmp_path):
     assert p.returncode == 0, p.stderr[-6000:]
     tp2 = json.loads(out.read_text())
     for e in EXPERTS:
+        assert len(tp2["single"][e]) == len(plugin_run["single"][e]) > 0, e  # zip() passes on empty
         for i, (a, b) in enumerate(zip(tp2["single"][e], plugin_run["single"][e])):
             assert a["tokens"] == b["tokens"], f"{e} prompt {i}"
+            assert len(a["logprobs"]) == len(b["logprobs"]) > 0, f"{e} prompt {i}"
             for sa, sb in zip(a["logprobs"], b["logprobs"]):
                 for t in set(sa) & set(sb):
                     assert abs(sa[t] - sb[t]) <= 1e-3
