@@ -215,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tables")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    m = sub.add_parser("merge", help="merge experts as described by a merge.yaml")
+    from merge_tool.methods import help_text  # the methods and parameters, from their registry
+
+    m = sub.add_parser("merge", help="merge experts as described by a merge.yaml", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("config", help="merge config (YAML), see docs/merge-config.md")
     m.add_argument("out", help="output folder (must not exist unless --force)")
     m.add_argument("--force", action="store_true",

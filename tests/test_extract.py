@@ -110,12 +110,15 @@ def test_extract_errors(merged_llama_k2, tmp_path, leftovers):
     assert leftovers(tmp_path, "y") == []
 
 
-def test_inspect_table_and_json(merged_llama_k2):
+def test_inspect_table_and_json(merged_llama_k2, llama_family):
     info = inspect_checkpoint(merged_llama_k2)
     assert info["experts"] == ["math", "code", "chat", "zh"] and info["num_groups"] == 2
     assert 0.45 < info["params_ratio"] < 0.55
     chans = [t for t in info["tensors"] if t["kind"] == "channel"]
-    assert len(chans) == 2 * 7 + 2
+    # Every channel tensor of the base (7 linears per layer, embedding, lm_head) is reported.
+    base_channels = {n for n in load_file(str(llama_family.base / "model.safetensors"))
+                     if fmt.is_channel_tensor(n) and n.endswith(".weight")}
+    assert {t["tensor"] for t in chans} == base_channels and len(chans) == len(base_channels)
     assert all(0 < t["rel_error_mean"] < 1 for t in chans)
     # synthetic truth is two groups of two, so the tie-break puts expert 0 in group 0
     assert all(t["outside_group0"]["math"] < 0.05 for t in chans)

@@ -108,6 +108,7 @@ def test_concurrent_mixed_requests(client, plugin_run):
     jobs = [(EXPERTS[i % len(EXPERTS)], (i // len(EXPERTS)) % len(PROMPTS)) for i in range(48)]
     with cf.ThreadPoolExecutor(48) as ex:
         results = list(ex.map(lambda j: _complete(client, *j), jobs))
+    assert len(results) == len(jobs) == 48
     for (e, p), r in zip(jobs, results):
         assert r.model == e
         assert r.choices[0].text == plugin_run["single"][e][p]["text"], (e, p)
