@@ -11,7 +11,8 @@ build=${CHANNELMERGE_VLLM:-cpu}
 case "$build" in cpu|gpu) ;; *) echo "CHANNELMERGE_VLLM must be cpu or gpu, not '$build'" >&2; exit 2;; esac
 
 stamp="$venv/.channelmerge-setup"
-want="$build $(sha256sum pyproject.toml | cut -c1-16)"
+# The stamp covers this script too: a change to what it installs reruns it on an existing venv.
+want="$build $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -23,4 +24,11 @@ if [ "$build" = cpu ]; then
   # models do not need them and transformers fails to import beside them.
   "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Test environment only (the product never imports it): mergekit, the peer that
+# tests/test_mergekit_crosscheck.py checks K=1 merges against. Its pinned dependencies conflict
+# with vLLM's, hence --no-deps. At import it also needs immutables and peft (and peft needs
+# accelerate); every dependency of those four is already installed above.
+"${pip[@]}" --no-deps mergekit==0.1.5 immutables==0.21 peft==0.21.2 accelerate==1.15.0
+"$venv/bin/python" -c "import mergekit.merge" \
+  || { echo "setup.sh: mergekit does not import (see above)" >&2; exit 1; }
 echo "$want" > "$stamp"
