@@ -17,10 +17,13 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
+
+if TYPE_CHECKING:
+    from merge_tool.config import MergeConfig
 
 log = logging.getLogger("channelmerge")
 
@@ -60,6 +63,8 @@ def _merge(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if cfg.router is not None:  # check the examples before the (long) merge
         _read_router_examples(Path(cfg.router.examples), cfg.expert_names)
+    if args.dry_run:
+        return _merge_dry_run(cfg, args)
     out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet,
                     threads=args.threads or None)
     info = inspect_checkpoint(out)
@@ -73,6 +78,16 @@ def _merge(args: argparse.Namespace) -> int:
         print(format_table(info))
     if cfg.router is not None:
         _train_router_into(Path(out), Path(cfg.router.examples), force=True)
+    return 0
+
+
+def _merge_dry_run(cfg: MergeConfig, args: argparse.Namespace) -> int:
+    """`merge --dry-run`: validate as the merge does, print its plan, write nothing."""
+    from merge_tool.merge import plan_merge
+    from merge_tool.plan import format_plan
+
+    plan = plan_merge(cfg, args.out, force=args.force, device=args.device)
+    print(format_plan(plan, per_tensor=args.verbose))
     return 0
 
 
@@ -227,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for the math (default 1: the merge is memory-bound; 0 = torch default)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--dry-run", action="store_true",
+                   help="validate the config, inputs and output path, print the merge plan (per tensor "
+                        "kind and layer: jobs, K, output size; totals), and write nothing (-v: every tensor)")
     m.set_defaults(fn=_merge)
 
     i = sub.add_parser("inspect", help="show experts, K, parameters and errors of a merged checkpoint")
