@@ -285,6 +285,20 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def split_into_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Split planned tensors, in order, into shards of at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own). The merge plan and the writer both use it."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
 class StreamingShardWriter:
     """Writes HF sharded safetensors whose tensors are all known in advance.
 
@@ -298,15 +312,7 @@ class StreamingShardWriter:
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.metadata = {"format": "pt", **(metadata or {})}
-        shards: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in plan:
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += t.nbytes
-        self.shards = shards
+        self.shards = shards = split_into_shards(plan, max_shard_bytes)
         self.total_size = sum(t.nbytes for t in plan)
         self.weight_map = {t.name: shard_name(i, len(shards)) for i, s in enumerate(shards) for t in s}
         self._pos = 0  # index into plan

@@ -157,8 +157,6 @@ def _write_tensors(tmp: Path, plan: MergePlan, base: ModelReader, experts: list[
     """Every planned output tensor into the shards under `tmp`; returns the measurements."""
     writer = StreamingShardWriter(tmp, plan.outputs, plan.config.shard_bytes,
                                   metadata=fmt.shard_metadata(plan.experts))
-    if writer.weight_map != plan.weight_map:  # the dry run must say what the merge does
-        raise RuntimeError("internal error: the shard writer splits the output unlike the merge plan")
     try:
         measured = _Merger(plan, base, experts, dev).run(writer, progress)
         writer.close()

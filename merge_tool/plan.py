@@ -22,7 +22,7 @@ import torch
 
 from merge_tool import fold as foldmod
 from merge_tool.config import ConfigError, MergeConfig
-from merge_tool.io import InputError, ModelReader, PlannedTensor, shard_name
+from merge_tool.io import InputError, ModelReader, PlannedTensor, shard_name, split_into_shards
 from vllm_channelmerge import format as fmt
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def build_plan(cfg: MergeConfig, base: ModelReader, experts: list[ModelReader],
     return MergePlan(
         config=cfg, output=output, architecture=base.architecture, tied=base.tied, base_path=base.path,
         base_config=dict(base.config), base_params=sum(math.prod(base.shape(t)) for t in base.names),
-        fold=fp, jobs=jobs, shards=assign_shards([t for j in jobs for t in j.outputs], cfg.shard_bytes))
+        fold=fp, jobs=jobs, shards=split_into_shards([t for j in jobs for t in j.outputs], cfg.shard_bytes))
 
 
 def _out_dtype(cfg: MergeConfig, in_dtype: torch.dtype) -> torch.dtype:
@@ -242,21 +242,6 @@ def job_outputs(job: Job, n: int) -> list[PlannedTensor]:
     if job.kind == "expert_norm":
         out.append(PlannedTensor(fmt.expert_norm_name(fmt.module_of(job.name)), job.dtype, (n, *job.shape)))
     return out
-
-
-def assign_shards(outputs: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
-    """Split the outputs, in order, into shards of at most `max_shard_bytes` (a tensor larger
-    than that gets a shard of its own): the rule of `StreamingShardWriter`, which the merge
-    checks against this plan before it writes."""
-    shards: list[list[PlannedTensor]] = [[]]
-    size = 0
-    for t in outputs:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
 
 
 # -- describing (channelmerge merge --dry-run) ---------------------------------------------------
