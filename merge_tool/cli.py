@@ -141,7 +141,8 @@ def _examples_label_lines(path: Path) -> dict[str, int]:
 
 def _read_router_examples(path: Path, experts: list[str]) -> dict[str, list[str]]:
     """The examples file, every label checked against `experts` (errors name file and line)."""
-    from vllm_channelmerge.router import RouterError, load_examples_jsonl
+    from merge_tool.router_train import load_examples_jsonl
+    from vllm_channelmerge.router import RouterError
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: examples file not found")
@@ -160,7 +161,8 @@ def _router_train(args: argparse.Namespace) -> int:
 
 def _train_router_into(merged: Path, path: Path, force: bool) -> int:
     from merge_tool.io import check_not_overlapping, check_replaceable, staged_dir
-    from vllm_channelmerge.router import Router, router_dir, router_dir_problem, train_router
+    from merge_tool.router_train import train_router
+    from vllm_channelmerge.router import Router, router_dir, router_dir_problem
 
     experts = fmt.read_checkpoint_config(merged).experts
     given = router_dir(merged).expanduser().absolute()

@@ -57,13 +57,15 @@ def test_serve_execs_the_plugin_launcher_with_all_args(monkeypatch):
 
 
 def test_merge_tool_imports_only_the_format_from_the_plugin():
+    """The offline tool needs no runtime: of the plugin package it imports the checkpoint
+    format (with the architecture table it is built from) and the router's file format."""
     import subprocess
 
-    code = ("import sys, merge_tool.cli, merge_tool.merge, merge_tool.extract, merge_tool.inspect; "
-            "print(sorted(m for m in sys.modules if m.startswith('vllm_channelmerge')))")
+    code = ("import sys, merge_tool.cli, merge_tool.merge, merge_tool.extract, merge_tool.inspect, "
+            "merge_tool.router_train; print(sorted(m for m in sys.modules if m.startswith('vllm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    # The format and the architecture table it is built from: the contract both halves share.
-    assert out.strip() == "['vllm_channelmerge', 'vllm_channelmerge.architectures', 'vllm_channelmerge.format']"
+    assert out.strip() == ("['vllm_channelmerge', 'vllm_channelmerge.architectures', "
+                           "'vllm_channelmerge.format', 'vllm_channelmerge.router']")
 
 
 def test_usage_errors():

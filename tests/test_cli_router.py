@@ -9,7 +9,8 @@ import pytest
 from merge_tool.cli import main
 from vllm_channelmerge import format as fmt
 from vllm_channelmerge import serving
-from vllm_channelmerge.router import Router, load_examples_jsonl, router_dir
+from merge_tool.router_train import load_examples_jsonl
+from vllm_channelmerge.router import Router, router_dir
 
 EXPERTS = ["math", "code", "chat"]
 WORDS = {

@@ -1,9 +1,10 @@
 """The `auto` model name's router: a text classifier that picks an expert from a prompt.
 
-Training uses scikit-learn: TF-IDF over character n-grams (within word boundaries) and over
-word n-grams, concatenated, then a logistic regression. Serving needs numpy (and
-safetensors) only: the fitted pipeline is stored as plain data inside the merged
-checkpoint under ``router/`` (``format.ROUTER_DIR``), never as a pickle:
+The router's file format and its inference, free of vLLM and of scikit-learn: training
+(``merge_tool/router_train.py``, scikit-learn: TF-IDF over character n-grams within word
+boundaries and over word n-grams, then a logistic regression) stores the fitted pipeline as
+plain data inside the merged checkpoint under ``router/`` (``format.ROUTER_DIR``), never as
+a pickle, and serving reads it with numpy and safetensors only:
 
     router/router.json          format, version, experts (class order), feature settings
     router/vocab.json           per feature block, the n-gram terms in column order
@@ -13,8 +14,8 @@ checkpoint under ``router/`` (``format.ROUTER_DIR``), never as a pickle:
 normalisation and the linear decision exactly, so it gives the sklearn pipeline's
 predictions.
 
-    router = train_router({"arith": [...prompts], "code": [...]})
-    router.save(merged_dir / "router")
+    router = train_router({"arith": [...prompts], "code": [...]})     # merge_tool.router_train
+    save_router(router, merged_dir / "router")                          # merge_tool.router_train
     Router.load(merged_dir / "router").predict(["What is 2 + 2?"])  # -> ["arith"]
 """
 
@@ -40,12 +41,7 @@ ROUTER_VOCAB_FILE = "vocab.json"
 ROUTER_WEIGHTS_FILE = "weights.safetensors"
 ROUTER_FILES = (ROUTER_CONFIG_FILE, ROUTER_VOCAB_FILE, ROUTER_WEIGHTS_FILE)
 
-# Default feature blocks (sklearn TfidfVectorizer keyword arguments we reproduce).
-DEFAULT_FEATURES: tuple[dict[str, Any], ...] = (
-    {"analyzer": "char_wb", "ngram_range": [2, 4], "max_features": 20000},
-    {"analyzer": "word", "ngram_range": [1, 2], "max_features": 20000},
-)
-_SUPPORTED_ANALYZERS = ("char_wb", "char", "word")
+SUPPORTED_ANALYZERS = ("char_wb", "char", "word")  # the sklearn analysers Router reproduces
 _WORD_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")  # sklearn's default token_pattern
 _WHITE_SPACES = re.compile(r"\s\s+")
 
@@ -200,22 +196,7 @@ class Router:
                 raise RouterError(f"{ROUTER_DIR}/{ROUTER_CONFIG_FILE}: field 'experts': router expert "
                                   f"{e!r} is not an expert of the {where} ({', '.join(known)})")
 
-    # ------------------------------------------------------------------ save / load
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write router.json, vocab.json and weights.safetensors into ``directory``, atomically.
-
-        Published like every channelmerge output (``merge_tool.io.staged_dir``): written into a
-        temporary folder beside it, then renamed into place. An existing ``directory`` is
-        replaced only if it is a router saved before (or empty): anything else is refused, and
-        the old router is removed only once the new one is in place.
-        """
-        from merge_tool.io import staged_dir  # offline side only: serving never saves
-
-        d = Path(directory).expanduser().absolute()
-        with staged_dir(d, force=True, own=router_dir_problem) as tmp:
-            self.write_files(tmp)
-        return d
-
+    # ------------------------------------------------------------------ files
     def write_files(self, directory: str | os.PathLike) -> None:
         """The router's files into an existing (empty) folder; no publishing (see ``save``)."""
         from safetensors.numpy import save_file
@@ -287,8 +268,8 @@ class Router:
         total = 0
         for i, (f, terms) in enumerate(zip(feats, vocabs)):
             where = f"{cfg_path}: field 'features[{i}]'"
-            if not isinstance(f, dict) or f.get("analyzer") not in _SUPPORTED_ANALYZERS:
-                raise RouterError(f"{where}.analyzer must be one of {_SUPPORTED_ANALYZERS}")
+            if not isinstance(f, dict) or f.get("analyzer") not in SUPPORTED_ANALYZERS:
+                raise RouterError(f"{where}.analyzer must be one of {SUPPORTED_ANALYZERS}")
             ng = f.get("ngram_range")
             if not (isinstance(ng, list) and len(ng) == 2 and all(isinstance(x, int) for x in ng)
                     and 1 <= ng[0] <= ng[1]):
@@ -333,72 +314,6 @@ class Router:
         if experts is not None:
             r.check_experts(experts)
         return r
-
-
-# --------------------------------------------------------------------------- training
-
-def build_sklearn_pipeline(features: Iterable[Mapping[str, Any]] = DEFAULT_FEATURES, C: float = 10.0,
-                           seed: int = 0):
-    """The scikit-learn pipeline a Router reproduces (for training and cross-checks)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import FeatureUnion, Pipeline
-
-    vecs = []
-    for i, f in enumerate(features):
-        if f["analyzer"] not in _SUPPORTED_ANALYZERS:
-            raise ValueError(f"features[{i}]: analyzer must be one of {_SUPPORTED_ANALYZERS}")
-        vecs.append((f"f{i}", TfidfVectorizer(analyzer=f["analyzer"], ngram_range=tuple(f["ngram_range"]),
-                                              max_features=f.get("max_features"), lowercase=True,
-                                              sublinear_tf=True, norm="l2", use_idf=True,
-                                              smooth_idf=True, dtype=np.float64)))
-    return Pipeline([("features", FeatureUnion(vecs)),
-                     ("clf", LogisticRegression(C=C, max_iter=2000, random_state=seed))])
-
-
-def train_router(examples: Mapping[str, list[str]], features: Iterable[Mapping[str, Any]] = DEFAULT_FEATURES,
-                 C: float = 10.0, seed: int = 0, return_pipeline: bool = False):
-    """Fit the router on example prompts per expert: ``{expert: [prompt, ...]}``.
-
-    Returns a :class:`Router` (and the fitted sklearn pipeline with ``return_pipeline``).
-    """
-    if not isinstance(examples, Mapping) or not examples:
-        raise RouterError("examples: give at least one expert with example prompts")
-    names = list(examples)
-    try:
-        validate_expert_names(names, where="examples")
-    except FormatError as e:
-        raise RouterError(str(e)) from None
-    texts: list[str] = []
-    labels: list[str] = []
-    for n in names:
-        prompts = examples[n]
-        if isinstance(prompts, str) or not prompts:
-            raise RouterError(f"examples[{n!r}]: give a non-empty list of prompts")
-        for p in prompts:
-            if not isinstance(p, str):
-                raise RouterError(f"examples[{n!r}]: prompts must be strings, got {type(p).__name__}")
-        texts.extend(prompts)
-        labels.extend([n] * len(prompts))
-    features = [dict(f) for f in features]
-    pipe = build_sklearn_pipeline(features, C=C, seed=seed)
-    union = pipe.named_steps["features"]
-    if len(names) > 1:
-        pipe.fit(texts, labels)
-    else:  # one expert: nothing to classify, the features are fitted for completeness
-        union.fit(texts)
-    blocks: list[_Block] = []
-    for (_, vec), f in zip(union.transformer_list, features):
-        vocab = {t: int(j) for t, j in vec.vocabulary_.items()}
-        blocks.append(_Block(f["analyzer"], tuple(f["ngram_range"]), vocab, np.asarray(vec.idf_, np.float64)))
-    if len(names) == 1:
-        router = Router(names, blocks, None, None)
-        return (router, pipe) if return_pipeline else router
-    clf = pipe.named_steps["clf"]
-    # sklearn sorts classes; keep that order as the router's class order.
-    classes = [str(c) for c in clf.classes_]
-    router = Router(classes, blocks, np.asarray(clf.coef_, np.float64), np.asarray(clf.intercept_, np.float64))
-    return (router, pipe) if return_pipeline else router
 
 
 # --------------------------------------------------------------------------- helpers
@@ -488,36 +403,6 @@ def _request_text(body: Mapping[str, Any], max_chars: int | None) -> str:
             raise RequestTextError(f"input[{i}] must be an object, got {type(item).__name__}", f"input[{i}]")
     # Items without a role (tool outputs, reasoning) are not messages: skipped.
     return last_user_message([m for m in inp if "role" in m], "input", max_chars)
-
-
-def load_examples_jsonl(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Examples file: one JSON object per line, ``{"expert": NAME, "prompt": TEXT}`` or
-    ``{"expert": NAME, "messages": [...]}`` (the last user message is used)."""
-    out: dict[str, list[str]] = {}
-    p = Path(path)
-    with p.open(encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RouterError(f"{p}:{ln}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("expert"), str):
-                raise RouterError(f"{p}:{ln}: field 'expert' (a string) is required")
-            if isinstance(row.get("prompt"), str):
-                text = row["prompt"]
-            elif isinstance(row.get("messages"), list):
-                try:
-                    text = last_user_message(row["messages"])
-                except RequestTextError as e:
-                    raise RouterError(f"{p}:{ln}: {e}") from None
-            else:
-                raise RouterError(f"{p}:{ln}: give field 'prompt' (a string) or 'messages' (a list)")
-            out.setdefault(row["expert"], []).append(text)
-    if not out:
-        raise RouterError(f"{p}: no examples")
-    return out
 
 
 def router_dir(merged_dir: str | os.PathLike) -> Path:

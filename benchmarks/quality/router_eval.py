@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_channelmerge.router import Router, train_router
+from merge_tool.router_train import save_router, train_router
+from vllm_channelmerge.router import Router
 
 from .tasks import TASKS, load_split
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     router, pipe = train_router(examples, return_pipeline=True)
     train_s = time.time() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = Router.load(router.save(Path(tmp) / "router"), experts=list(TASKS))
+        loaded = Router.load(save_router(router, Path(tmp) / "router"), experts=list(TASKS))
     texts, labels = [], []
     for t in TASKS:
         items = load_split(t, a.split)
