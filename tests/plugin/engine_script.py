@@ -102,8 +102,7 @@ def run_plugin(merged: str, out_path: str, tp: int = 1, quick: bool = False) -> 
             res["no_expert_error"] = None
         except Exception as exc:  # noqa: BLE001
             res["no_expert_error"] = f"{type(exc).__name__}: {exc}"
-    with open(out_path, "w") as f:
-        json.dump(res, f)
+    json.dump(res, open(out_path, "w"))
 
 
 def run_ref(out_path: str, pairs: list[str]) -> None:
@@ -120,8 +119,7 @@ def run_ref(out_path: str, pairs: list[str]) -> None:
                      "prompt_logprobs": _prompt_lps(plp), "startup_s": time.time() - t0}
         del llm
         gc.collect()
-    with open(out_path, "w") as f:
-        json.dump(res, f)
+    json.dump(res, open(out_path, "w"))
 
 
 def run_load(merged: str) -> None:
@@ -148,8 +146,7 @@ def run_refusals(merged: str, out_path: str) -> None:
             res[name] = None
         except Exception as exc:  # noqa: BLE001
             res[name] = f"{type(exc).__name__}: {exc}"
-    with open(out_path, "w") as f:
-        json.dump(res, f)
+    json.dump(res, open(out_path, "w"))
 
 
 def run_untested(merged: str, plain: str, out_path: str) -> None:
@@ -166,18 +163,7 @@ def run_untested(merged: str, plain: str, out_path: str) -> None:
             res[name] = None
         except Exception as exc:  # noqa: BLE001
             res[name] = f"{type(exc).__name__}: {exc}"
-    with open(out_path, "w") as f:
-        json.dump(res, f)
-
-
-def exit_without_teardown(code: int) -> None:
-    """Exit once the results are written and closed, skipping the interpreter's teardown: with
-    vLLM's worker threads still alive it sometimes aborts the process ("terminate called
-    without an active exception", exit -6) after every result is on disk. A failure before
-    this point still raises and exits non-zero as usual."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    json.dump(res, open(out_path, "w"))
 
 
 def main(argv: list[str]) -> int:
@@ -199,4 +185,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

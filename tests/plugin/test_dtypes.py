@@ -118,4 +118,4 @@ if __name__ == "__main__":
     import engine_script
 
     engine_script.ENGINE_KW["dtype"] = sys.argv[1]
-    engine_script.exit_without_teardown(engine_script.main(sys.argv[2:]))
+    sys.exit(engine_script.main(sys.argv[2:]))
