@@ -2,12 +2,19 @@
 
 Shapes: one SmolLM2-135M decoder layer's linears (hidden 576, intermediate 1536, 9 query and
 3 KV heads of 64: qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536), N=4 experts, K=2
-groups with random per-channel partitions (group 0 the largest), float32. Each cell is the
-time of all four linears of one layer in microseconds: best of interleaved runs over several
-distinct layers (so weights stream from DRAM as in a real model). ``dense`` is one expert's
-dense weight through ``F.linear``; ``onednn`` is vLLM's prepacked oneDNN CPU path (if importable).
+groups with random per-channel partitions (group 0 the largest), float32 and, where the CPU
+has native bf16 (AVX512-BF16 / AMX), bfloat16. Each cell is the time of all four linears of
+one layer in microseconds: best of interleaved runs over several distinct layers (so weights
+stream from DRAM as in a real model). ``dense`` is one expert's dense weight through
+``F.linear``; ``vllm`` is what stock vLLM runs for that weight (its CPU GEMM dispatch:
+prepacked oneDNN, or sgl-kernel for small bf16 weights on AMX); the strategies run with the
+plugin's GEMM backend (vLLM's, prepacked at load), ``auto F.linear`` with the plain one (the
+kernels before prepacking).
 
-    nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py [--write benchmarks/kernels_RESULTS.md]
+Results are kept per host kind (AVX2 / AVX-512 / ...): a run replaces only its own host's
+section of the results file.
+
+    nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py [--dtype float32 bfloat16] [--write benchmarks/kernels_RESULTS.md]
 """
 
 from __future__ import annotations
@@ -16,14 +23,17 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from vllm_channelmerge import kernels as kk  # noqa: E402
 from vllm_channelmerge.kernels import (  # noqa: E402
     ExpertBatch,
     HotExpertCache,
@@ -39,29 +49,75 @@ STRATS = ["all_groups", "per_expert_gather", "majority_residual", "hot_cache", "
 
 
 NOTES = """
-## Reading the table (bytes and FLOPs)
+## Reading the tables (bytes and FLOPs)
 
-- One SmolLM2-135M layer's four linears hold 3.54 M weights per expert: 14.2 MB in float32;
-  the K=2 merged layer stores 28.3 MB. Four distinct layers are run in turn so that weights
-  stream from DRAM (one layer alone would sit in this CPU's 32 MB L3).
-- Decode is memory-bound: a dense layer at T=1 streams 14.2 MB. A mixed batch needs, for each
-  channel, every group that some present expert uses. With random partitions of 4 experts into
-  <= 2 groups, 7 of 8 channels need both groups, so any strategy must stream >= 1.875x the dense
-  bytes. `all_groups` streams 2x and does 2x the FLOPs; `majority_residual` streams group 0 once
-  plus each expert's differing rows (sum over experts of the residual fraction, 1.25 dense layers
-  here, gathered) and does (1 + r)x the FLOPs. So about 2x dense is the floor for mixed decode
-  with this composition; it falls as a merge makes more channels agree across experts (smaller
-  residual fraction), which `majority_residual` and the cost rule exploit.
-- A one-expert batch reaches dense speed only from a dense copy (`hot_cache`): the memory of one
-  more model per cached expert, within the cache's byte budget. Without one, `per_expert_gather`
-  pays one gather (~1.6 dense-layer passes) per layer.
-- Prefill is compute-bound: `per_expert_gather` does the dense FLOPs plus one gather per present
-  expert; `all_groups` would do K x the FLOPs.
-- vLLM's prepacked oneDNN GEMM and `F.linear` are within noise of each other at these shapes on
-  this CPU, so the kernels use plain `F.linear` / `torch.mm`.
-- `auto` follows `choose_strategy`'s cost model (`kernels.CostModel`: a dense layer ~1 + 0.12 T
-  units, a gather ~1.6), calibrated on this machine.
+- One SmolLM2-135M layer's four linears hold 3.54 M weights per expert: 14.2 MB in float32
+  (7.1 MB in bfloat16); the K=2 merged layer stores twice that. Four distinct layers are run
+  in turn so that weights stream from memory rather than sit in cache, as in a real model.
+- Decode is memory-bound at small T: a dense layer at T=1 streams the dense bytes. A mixed
+  batch needs, for each channel, every group that some present expert uses. With random
+  partitions of 4 experts into <= 2 groups, 7 of 8 channels need both groups, so any strategy
+  must stream >= 1.875x the dense bytes. `all_groups` streams 2x and does 2x the FLOPs;
+  `majority_residual` streams group 0 once plus each expert's differing rows (gathered per
+  call) and does (1 + r)x the FLOPs. So about 2x dense is the floor for mixed decode with this
+  composition; it falls as a merge makes more channels agree across experts.
+- A one-expert batch reaches dense speed only from a dense copy (`hot_cache`, prepacked when
+  admitted): the memory of one more model per cached expert, within the cache's byte budget.
+  Without one, `per_expert_gather` pays one gather per layer.
+- Prefill is compute-bound: `per_expert_gather` does the dense FLOPs (plain `F.linear` on a
+  per-call gather) plus one gather per present expert; `all_groups` does K x the FLOPs, but on
+  the prepacked GEMM. Which wins depends on how much faster the prepacked GEMM is on the host.
+- `auto` follows `choose_strategy`'s cost model (`kernels.CostModel`; on AVX-512 hosts the
+  constants of `kernels.prepacked_cpu_cost`, by dtype).
 """
+
+HEADER = "\n".join([
+    "# Channel-merged kernels on CPU (SmolLM2-135M layer shapes)", "",
+    "One section per host kind (a run replaces only its own host's section). Command: "
+    "`nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py --write benchmarks/kernels_RESULTS.md` "
+    "(defaults: --reps 12 --layers 4 --threads 1; float32, plus bfloat16 where the CPU has native bf16).", "",
+    "`dense` = one expert's dense weight via `F.linear`; `vllm` = stock vLLM's CPU GEMM on that weight "
+    "(its own dispatch: prepacked oneDNN, or sgl-kernel for small bf16 weights on AMX; the single-model "
+    "bound); the strategy columns are `channel_merged_linear` with the plugin's GEMM backend (vLLM's, "
+    "prepacked at load; `hot_cache` with every expert cached, i.e. the memory of N dense models: an "
+    "upper bound; the other columns and `auto` use no cache); `auto F.linear` = `auto` with plain "
+    "`F.linear` GEMMs (the kernels before prepacking); `auto / vllm` = the cost against stock. "
+    "`auto picks` = its choices over the 4 layers. mixed = tokens round-robin over the 4 experts; "
+    "single = all one expert; prefill = 4 contiguous segments.",
+    NOTES])
+
+HOST_START = "<!-- host: {} -->"
+HOST_END = "<!-- end host: {} -->"
+
+
+def host_sections(text: str) -> dict[str, str]:
+    """The per-host-kind sections of a results file (kept when another host kind runs)."""
+    out = {}
+    for m in re.finditer(r"<!-- host: (.+?) -->\n(.*?)\n<!-- end host: \1 -->", text, re.S):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def write_sections(path: Path, header: str, kind: str, body: str) -> None:
+    """Rewrite `path` as `header` + every host section, this host kind's replaced by `body`."""
+    old = host_sections(path.read_text()) if path.exists() else {}
+    old[kind] = body.strip()
+    parts = [header.rstrip(), ""]
+    for k in sorted(old):
+        parts += [HOST_START.format(k), old[k], HOST_END.format(k), ""]
+    path.write_text("\n".join(parts))
+
+
+def host_line() -> str:
+    flags = kk.cpu_flags()
+    on = " ".join(k for k, v in flags.items() if v) or "none"
+    return (f"{kk.host_kind(flags)}; CPU flags: {on}; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores")
+
+
+def native_bf16() -> bool:
+    f = kk.cpu_flags()
+    return bool(f.get("avx512_bf16") or f.get("amx_bf16"))
 
 
 def group_index(n: int, k: int, out: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,22 +129,21 @@ def group_index(n: int, k: int, out: int, gen: torch.Generator) -> torch.Tensor:
     return relabel.gather(0, gi).to(torch.int32)
 
 
-def onednn_factory():
-    """vLLM's CPU dense GEMM (prepacked oneDNN), or None if it cannot be called simply."""
+def vllm_gemm():
+    """The plugin's GEMM backend in an engine on this CPU (vLLM's CPU dispatch), or None."""
     try:
-        from vllm import _custom_ops as ops  # type: ignore
+        import logging
 
-        if not getattr(ops, "_supports_onednn", False):
+        logging.getLogger("vllm").setLevel(logging.WARNING)
+        from vllm_channelmerge import compat
+
+        f = compat.cpu_gemm_factory()
+        if f is kk.TORCH_GEMM:
             return None
-
-        def make(w: torch.Tensor):
-            h = ops.create_onednn_mm(w.t(), 32)
-            return lambda x: ops.onednn_mm(h, x, None)
-
-        make(torch.randn(8, 8))(torch.randn(2, 8))
-        return make
+        f.prepack(torch.randn(8, 8))(torch.randn(2, 8))
+        return f
     except Exception as e:  # optional baseline
-        print(f"# oneDNN baseline skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"# vLLM's CPU GEMM skipped: {type(e).__name__}: {e}", file=sys.stderr)
         return None
 
 
@@ -108,35 +163,32 @@ def bench_interleaved(fns: dict, reps: int, clock=time.perf_counter) -> dict:
     return {k: v * 1e6 for k, v in best.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--write", default=None, help="also write the markdown table to this file")
-    ap.add_argument("--reps", type=int, default=12)
-    ap.add_argument("--layers", type=int, default=4, help="distinct layers run in turn (defeats L3)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
+COLS = ["dense", "vllm"] + STRATS + ["auto F.linear"]
+
+
+def run_dtype(dtype: torch.dtype, args, gemm) -> tuple[list, float, list[str]]:
+    """One table: rows (T, kind, {column: us}, auto picks), mean residual fraction, GEMM paths."""
     gen = torch.Generator().manual_seed(0)
-    torch.set_num_threads(args.threads)
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
+    plugin = gemm or kk.TORCH_GEMM
     cache = HotExpertCache(budget_bytes=1 << 33)
-    # L distinct layers, run in turn, so that weights stream from DRAM as in a real model
-    # (one layer's 14 MB would otherwise sit in the 32 MB L3 and flatter the dense baseline).
-    layers = []  # per layer: {linear name: (weight, group_index, state with cache, state without)}
+    # L distinct layers, run in turn, so that weights stream from memory as in a real model.
+    # Per layer and linear: (weight, group_index, state with cache, state, plain-F.linear state)
+    layers = []
     for _ in range(args.layers):
         lay = {}
         for name, (out, inp) in SHAPES.items():
-            w = torch.randn(K, out, inp, generator=gen) / inp**0.5
+            w = (torch.randn(K, out, inp, generator=gen) / inp**0.5).to(dtype)
             gi = group_index(N, K, out, gen)
-            lay[name] = (w, gi, prepare_layer(w, gi, cache=cache, name=name), prepare_layer(w, gi, name=name))
+            lay[name] = (w, gi, prepare_layer(w, gi, cache=cache, name=name, gemm=plugin),
+                         prepare_layer(w, gi, name=name, gemm=plugin), prepare_layer(w, gi, name=name))
         layers.append(lay)
     resid = statistics.mean(f for lay in layers for v in lay.values() for f in v[3].residual_fraction)
     dense_w = [{n: v[3].expert_weight(1)[0].contiguous() for n, v in lay.items()} for lay in layers]
-    make_onednn = onednn_factory()
-    onednn = [{n: make_onednn(w) for n, w in d.items()} for d in dense_w] if make_onednn else None
+    stock = [{n: gemm.prepack(w) for n, w in d.items()} for d in dense_w] if gemm else None
+    paths = sorted({getattr(fn, "path", "torch") for lay in layers for v in lay.values() for fn in v[3].packs.values()})
     nl = len(layers)
-
     rows = [(1, "mixed"), (8, "mixed"), (32, "mixed"), (64, "mixed"), (32, "single"), (512, "prefill")]
-    cols = ["dense", "onednn"] + STRATS
     lines = []
     for t, kind in rows:
         if kind == "single":
@@ -146,56 +198,74 @@ def main() -> None:
         else:
             ids = torch.arange(t) % N
         batch = ExpertBatch.build(ids, N)
-        xs = {n: torch.randn(t, inp) for n, (_, inp) in SHAPES.items()}
+        xs = {n: torch.randn(t, inp).to(dtype) for n, (_, inp) in SHAPES.items()}
         for lay in layers:  # check once, and warm the cache
-            for n, (w, gi, st_c, st) in lay.items():
-                ref = reference_linear(xs[n], w, gi, ids)
-                for s_, st_ in (("hot_cache", st_c), ("auto", st)):
-                    torch.testing.assert_close(channel_merged_linear(xs[n], st_, batch, s_), ref, atol=1e-3, rtol=1e-3)
+            for n, (w, gi, st_c, st, st_p) in lay.items():
+                ref = reference_linear(xs[n], w, gi, ids).float()
+                for s_, st_ in (("hot_cache", st_c), ("auto", st), ("auto", st_p)):
+                    torch.testing.assert_close(channel_merged_linear(xs[n], st_, batch, s_).float(), ref, **tol)
         fns = {"dense": lambda: [F.linear(xs[n], d[n]) for d in dense_w for n in SHAPES]}
-        if onednn:
-            fns["onednn"] = lambda: [o[n](xs[n]) for o in onednn for n in SHAPES]
+        if stock:
+            fns["vllm"] = lambda: [o[n](xs[n]) for o in stock for n in SHAPES]
         for s in STRATS:
             j = 2 if s == "hot_cache" else 3
             fns[s] = lambda s=s, j=j: [channel_merged_linear(xs[n], lay[n][j], batch, s) for lay in layers for n in SHAPES]
+        fns["auto F.linear"] = lambda: [channel_merged_linear(xs[n], lay[n][4], batch) for lay in layers for n in SHAPES]
         clock = time.thread_time if args.threads == 1 else time.perf_counter
         res = bench_interleaved(fns, args.reps if t < 512 else max(3, args.reps // 4), clock)
         res = {k: v / nl for k, v in res.items()}
-        res.setdefault("onednn", float("nan"))
+        res.setdefault("vllm", float("nan"))
         picks = sorted({choose_strategy(batch, lay[n][3]) for lay in layers for n in SHAPES})
         lines.append((t, kind, res, ",".join(picks)))
+        print(f"# {dtype} T={t} {kind}: " + ", ".join(f"{k} {v:.0f}" for k, v in res.items()), file=sys.stderr)
+    return lines, resid, paths
 
+
+def table(lines: list) -> tuple[str, str]:
     fixed = ("all_groups", "per_expert_gather", "majority_residual")
     matched = sum(p == min(fixed, key=r.__getitem__) for _, _, r, p in lines)
-    hdr = "| T | batch | " + " | ".join(cols) + " | auto picks |"
-    sep = "|" + "---|" * (len(cols) + 3)
-    body = [
-        f"| {t} | {kind} | " + " | ".join("n/a" if r[c] != r[c] else f"{r[c]:.0f}" for c in cols) + f" | {p} |"
-        for t, kind, r, p in lines
-    ]
-    table = "\n".join([hdr, sep, *body])
-    meta = (
-        f"Microseconds ({'thread CPU time' if args.threads == 1 else 'wall clock'}) per decoder layer (4 linears), best of {args.reps} interleaved runs (prefill: {max(3, args.reps // 4)}); float32; N={N}, K={K}; "
-        f"mean residual fraction {resid:.2f}; {nl} distinct layers in turn; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"{platform.processor() or platform.machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC."
-    )
-    print(meta)
-    print(table)
+    hdr = "| T | batch | " + " | ".join(COLS) + " | auto / vllm | auto picks |"
+    sep = "|" + "---|" * (len(COLS) + 4)
+    body = []
+    for t, kind, r, p in lines:
+        cells = " | ".join("n/a" if r[c] != r[c] else f"{r[c]:.0f}" for c in COLS)
+        ratio = "n/a" if r["vllm"] != r["vllm"] else f"{r['auto'] / r['vllm']:.2f}"
+        body.append(f"| {t} | {kind} | {cells} | {ratio} | {p} |")
+    note = (f"`auto` picked the fastest of all_groups / per_expert_gather / majority_residual in "
+            f"{matched} of {len(lines)} rows.")
+    return "\n".join([hdr, sep, *body]), note
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--write", default=None, help="also write the markdown tables to this file (this host's section)")
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=4, help="distinct layers run in turn (defeats the cache)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    ap.add_argument("--dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32, and bfloat16 where the CPU has native bf16")
+    args = ap.parse_args()
+    dtypes = args.dtype or (["float32", "bfloat16"] if native_bf16() else ["float32"])
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    gemm = vllm_gemm()
+    when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    host = host_line()
+    out = [f"## {kk.host_kind()}", "",
+           f"Host: {host}. torch {torch.__version__}, {torch.get_num_threads()} thread(s); {when}.  ",
+           f"Command: `nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py {' '.join(sys.argv[1:])}`  ",
+           f"Plugin GEMM backend: {gemm.name if gemm else 'torch F.linear (vLLM not importable)'}.", ""]
+    for dt in dtypes:
+        lines, resid, paths = run_dtype(getattr(torch, dt), args, gemm)
+        tab, note = table(lines)
+        meta = (f"Microseconds ({'thread CPU time' if args.threads == 1 else 'wall clock'}) per decoder layer "
+                f"(4 linears), best of {args.reps} interleaved runs (prefill: {max(3, args.reps // 4)}); {dt}; "
+                f"N={N}, K={K}; mean residual fraction {resid:.2f}; {args.layers} distinct layers in turn; "
+                f"prepacked GEMMs: {', '.join(paths)}.")
+        print(f"### {dt}\n\n{meta}\n\n{tab}\n\n{note}\n")
+        out += [f"### {dt}", "", meta, "", tab, "", note, ""]
     if args.write:
-        with open(args.write, "w") as f:
-            f.write("# Channel-merged kernels on CPU (SmolLM2-135M layer shapes)\n\n")
-            f.write(f"Command: `nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py --write {args.write}` (defaults: --reps 12 --layers 4 --threads 1)\n\n")
-            f.write(meta + "\n\n")
-            f.write("`dense` = one expert's dense weight via `F.linear` (the single-model bound); "
-                    "`onednn` = vLLM's prepacked oneDNN CPU GEMM on that weight; the rest are "
-                    "`channel_merged_linear` strategies (`hot_cache` with every expert cached, i.e. "
-                    "the memory of N dense models: an upper bound; the other columns and `auto` use "
-                    "no cache). `auto` = `choose_strategy`; `auto picks` = its choices over the 4 layers. mixed = tokens round-robin over the 4 experts; "
-                    "single = all one expert; prefill = 4 contiguous segments.\n\n")
-            f.write(table + "\n\n")
-            f.write(f"`auto` picked the fastest of all_groups / per_expert_gather / majority_residual "
-                    f"in {matched} of {len(lines)} rows.\n")
-            f.write(NOTES)
+        write_sections(Path(args.write), HEADER, kk.host_kind(), "\n".join(out))
 
 
 if __name__ == "__main__":

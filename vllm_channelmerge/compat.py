@@ -40,10 +40,14 @@ import torch
 
 from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
+from vllm_channelmerge import kernels
 from vllm_channelmerge import layers
 from vllm_channelmerge.context import EngineContext, token_expert_ids
 
 log = logging.getLogger("vllm_channelmerge")
+# Start-up facts (which GEMM runs) go under vLLM's logger namespace: vLLM gives only "vllm.*"
+# a handler, so an INFO line there shows in the engine log next to vLLM's own.
+startup_log = logging.getLogger("vllm.channelmerge")
 
 EXPERT_KEY = "expert"  # SamplingParams.extra_args key a client sets (the middleware: vllm_xargs.expert)
 EXPERT_INDEX_KEY = "channelmerge_expert_index"  # set at admission: the resolved index
@@ -278,6 +282,159 @@ class _EmbeddingMethodMixin(_MethodMixin):
         return layers.lm_head(self.ctx, prepared.with_bias, x, bias)
 
 
+# ------------------------------------------------------------------------------------------
+# CPU GEMM: the kernels' dense GEMMs through vLLM's own CPU dispatch, prepacked once
+# ------------------------------------------------------------------------------------------
+
+CPU_GEMM_ENV = "CHANNELMERGE_CPU_GEMM"  # auto (default): vLLM's CPU GEMM; torch: plain F.linear
+
+# What vLLM's `dispatch_cpu_unquantized_gemm` installs as `layer.cpu_linear`, by the op it calls.
+_DISPATCH_PATHS = (("onednn_mm", "oneDNN onednn_mm"), ("weight_packed_linear_cpu", "sgl-kernel weight_packed_linear"),
+                   ("zentorch_linear_unary", "zentorch_linear_unary"))
+
+
+def _dispatch_path(cpu_linear: Any) -> str:
+    """Which kernel a `cpu_linear` installed by vLLM's dispatch runs (names in its code)."""
+    names = getattr(getattr(cpu_linear, "__code__", None), "co_names", ())
+    for op, label in _DISPATCH_PATHS:
+        if op in names:
+            return label
+    if cpu_linear is torch.nn.functional.linear or "linear" in names:
+        return "torch F.linear"
+    return "other"
+
+
+def _onednn_op(cpu_linear: Any) -> Optional[tuple[Any, torch.Tensor, int]]:
+    """``(torch.ops._C.onednn_mm, handle tensor, out features)`` behind a `cpu_linear` that
+    calls ``ops.onednn_mm(handler, x, bias)``: calling the op directly saves vLLM's Python
+    wrapper (~10 us a call) and lets it write into a slice. None if the shape is not that.
+    The handler releases the primitive when collected: whoever uses the op keeps `cpu_linear`."""
+    try:
+        cells = dict(zip(cpu_linear.__code__.co_freevars, cpu_linear.__closure__ or ()))
+        h = cells["handler"].cell_contents
+        return torch.ops._C.onednn_mm, h.handler_tensor, int(h.n)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+class VllmCpuGemm(kernels.GemmFactory):
+    """:class:`~vllm_channelmerge.kernels.GemmFactory` that prepacks each weight the plugin
+    holds through ``vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm``, the
+    function stock vLLM runs on every unquantized CPU linear: oneDNN ``create_onednn_mm`` /
+    ``onednn_mm`` on x86, the sgl-kernel AMX GEMM for small bf16 weights, zentorch on Zen, or
+    ``F.linear`` where it has none (each weight gets what vLLM would give it)."""
+
+    name = "vLLM CPU dispatch"
+
+    def __init__(self) -> None:
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        self._dispatch = dispatch_cpu_unquantized_gemm
+        self.paths: dict[str, int] = {}  # kernel -> weights prepacked with it (start-up log)
+
+    def cost_model(self, dtype: torch.dtype, device: Any = None) -> kernels.CostModel:
+        if device is not None and torch.device(device).type != "cpu":
+            return kernels.CostModel.for_device(device)
+        return kernels.prepacked_cpu_cost(dtype)
+
+    def describe(self) -> str:
+        got = ", ".join(f"{k} x{n}" for k, n in sorted(self.paths.items())) or "nothing packed yet"
+        return f"{self.name} ({got})"
+
+    def __repr__(self) -> str:
+        return f"VllmCpuGemm({self.describe()})"
+
+    def prepack(self, weight: torch.Tensor) -> kernels.GemmFn:
+        if weight.device.type != "cpu" or weight.dim() != 2 or weight.is_meta:
+            return kernels.torch_linear(weight)
+        shell = torch.nn.Module()
+        shell.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self._dispatch(shell, remove_weight=True)  # the shell's weight is dropped, not ours
+        cpu_linear = shell.cpu_linear
+        path = _dispatch_path(cpu_linear)
+        if path not in self.paths:
+            startup_log.info("channelmerge: dense GEMM on a [%d, %d] %s weight through vLLM's CPU dispatch: %s",
+                     weight.shape[0], weight.shape[1], str(weight.dtype).replace("torch.", ""), path)
+        self.paths[path] = self.paths.get(path, 0) + 1
+        if path == "torch F.linear":
+            return kernels.torch_linear(weight)
+        keeps = path not in ("oneDNN onednn_mm", "sgl-kernel weight_packed_linear")
+        ref = weight if keeps else None  # the prepacked kernels hold their own copy
+        f32_bias = path.startswith("sgl-kernel")  # vLLM turns the bias to float32 for it
+        onednn = _onednn_op(cpu_linear) if path == "oneDNN onednn_mm" else None
+
+        if onednn is not None:  # the op itself: writes into `out` (a row slice), no wrapper
+            op, handle, n = onednn
+
+            def fn(x: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+                if out is None:
+                    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+                op(out, x, bias, handle)
+                return out
+        else:
+            def fn(x: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+                if bias is not None and f32_bias:
+                    bias = bias.float()
+                y = cpu_linear(x, ref, bias)
+                if out is None:
+                    return y
+                return out.copy_(y)
+
+        fn.path = path  # type: ignore[attr-defined]
+        fn.copies = not keeps  # type: ignore[attr-defined]
+        # vLLM's handler frees the oneDNN primitive when it is collected: keep it alive
+        fn.kernel = cpu_linear  # type: ignore[attr-defined]
+        return fn
+
+
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state of this process, where the CPU has AMX.
+
+    vLLM's bf16 / fp16 CPU attention runs AMX instructions and relies on an earlier kernel
+    having made the per-process request (Linux kills a process that runs one without it:
+    SIGILL). In stock vLLM its first layer's GEMM does; a channel-merged model's first layers
+    may run only a gather and a plain torch GEMM of a few rows, which does not (seen: a tiny
+    model in bfloat16 died in `cpu_attention_with_kv_cache`)."""
+    if not kernels.cpu_flags().get("amx_tile"):
+        return False
+    init = getattr(torch.cpu, "_init_amx", None)
+    try:
+        return bool(init()) if init is not None else False
+    except RuntimeError as e:
+        startup_log.warning("channelmerge: requesting AMX tiles failed: %s", e)
+        return False
+
+
+def cpu_gemm_factory() -> kernels.GemmFactory:
+    """The GEMM backend of the plugin's kernels on this platform (logged once, with why):
+    vLLM's CPU dispatch on CPU (``CHANNELMERGE_CPU_GEMM=torch`` forces plain ``F.linear``),
+    plain ``F.linear`` elsewhere (CUDA: ``F.linear`` / the Triton kernel)."""
+    choice = (os.environ.get(CPU_GEMM_ENV, "") or "auto").strip().lower()
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{CPU_GEMM_ENV}={choice!r}; expected auto or torch")
+    from vllm.platforms import current_platform
+
+    isa = kernels.cpu_isa_summary()
+    if not current_platform.is_cpu():
+        startup_log.info("channelmerge: dense GEMMs: torch F.linear (platform %s; vLLM's CPU GEMM is CPU-only)",
+                 getattr(current_platform, "device_name", "?"))
+        return kernels.TORCH_GEMM
+    request_amx()
+    if choice == "torch":
+        startup_log.info("channelmerge: dense GEMMs: torch F.linear (%s=torch); CPU: %s", CPU_GEMM_ENV, isa)
+        return kernels.TORCH_GEMM
+    try:
+        factory = VllmCpuGemm()
+    except ImportError as e:
+        startup_log.warning("channelmerge: dense GEMMs: torch F.linear (vLLM's CPU GEMM dispatch is not "
+                    "importable: %s); CPU: %s", e, isa)
+        return kernels.TORCH_GEMM
+    startup_log.info("channelmerge: dense GEMMs: vLLM's CPU dispatch (dispatch_cpu_unquantized_gemm: oneDNN "
+             "where vLLM uses it), prepacked at load for the all-groups and group-0 weights and for "
+             "hot-cache copies; per-call gathers use torch F.linear; CPU: %s", isa)
+    return factory
+
+
 class _QuantConfigMixin:
     """vLLM's view of the `quantization_config` block; owns the model's EngineContext."""
 
@@ -290,7 +447,7 @@ class _QuantConfigMixin:
     def context(self) -> EngineContext:
         # Built in the process that runs the model (the config travels to workers pickled).
         if self._ctx is None:
-            self._ctx = EngineContext(self.cm)
+            self._ctx = EngineContext(self.cm, gemm=cpu_gemm_factory())
         return self._ctx
 
     def __getstate__(self):

@@ -2,7 +2,8 @@
 
 One :class:`EngineContext` per loaded model (the quantization config creates it, the model
 and every layer method hold it): the checkpoint's config, the :class:`StepState` of the
-forward in flight, the kernel strategy and the hot-expert cache. Nothing here imports vLLM,
+forward in flight, the kernel strategy, the hot-expert cache and the dense GEMM backend
+(:class:`~vllm_channelmerge.kernels.GemmFactory`). Nothing here imports vLLM,
 so the rules it enforces (no step without expert ids, ids in batch order) are unit-tested
 without an engine.
 """
@@ -168,11 +169,15 @@ class EngineContext:
     """Everything one loaded model shares across its layers (no module globals)."""
 
     def __init__(self, cm: fmt.ChannelMergedConfig, strategy: Optional[str] = None,
-                 hot_cache: Optional[kernels.HotExpertCache] = None, from_env: bool = True) -> None:
+                 hot_cache: Optional[kernels.HotExpertCache] = None, from_env: bool = True,
+                 gemm: Optional[kernels.GemmFactory] = None) -> None:
         self.cm = cm
         self.step = StepState(cm.num_experts)
         self.strategy = strategy or (_strategy_from_env() if from_env else "auto")
         self.hot_cache = hot_cache if hot_cache is not None or not from_env else _hot_cache_from_env()
+        # How the kernels run a dense GEMM on a weight they hold (prepacked at load): plain
+        # F.linear here; the vLLM adapter passes vLLM's own CPU GEMM (compat.cpu_gemm_factory).
+        self.gemm = gemm if gemm is not None else kernels.TORCH_GEMM
 
     @property
     def experts(self) -> list[str]:

@@ -8,25 +8,28 @@ without materialising the N dense weights.
 
 Per forward step the integration builds one :class:`ExpertBatch` from the per-token expert ids
 (and one more from the per-request ids for lm_head); every layer reuses it. Per layer, once at
-load time, it builds a :class:`LayerState` with :func:`prepare_layer`. Then each layer call is
-``channel_merged_linear(x, state, batch)``, which picks a strategy with :func:`choose_strategy`.
+load time, it builds a :class:`LayerState` with :func:`prepare_layer`, which also prepacks the
+weights the strategies run dense GEMMs on (all groups at once, group 0) with a
+:class:`GemmFactory`: plain ``F.linear`` by default, vLLM's own CPU GEMM (prepacked oneDNN)
+when the adapter passes it. Then each layer call is ``channel_merged_linear(x, state, batch)``,
+which picks a strategy with :func:`choose_strategy`.
 
 Strategies (all return exactly what :func:`reference_linear` returns, up to float rounding):
 
 * ``dense``             -- K == 1, or the batch is one expert whose channels all sit in one
-                           group: a plain ``F.linear`` on a view of that group.
-* ``all_groups``        -- one GEMM against all K groups (``[T, K*out]``), then a
+                           group: one prepacked GEMM on that group.
+* ``all_groups``        -- one prepacked GEMM against all K groups (``[T, K*out]``), then a
                            per-(token, channel) select. K x the FLOPs of a dense layer, but
                            one pass over the weights: best for small mixed (decode) batches.
-* ``per_expert_gather`` -- gather each present expert's dense rows, one GEMM per expert segment
-                           of the expert-sorted batch: best when there are many tokens per
-                           expert (prefill).
-* ``majority_residual`` -- dense GEMM with group 0 (each channel's largest group) for all
+* ``per_expert_gather`` -- gather each present expert's dense rows, one (plain) GEMM per expert
+                           segment: best when there are many tokens per expert (prefill).
+                           Long runs of one expert (vLLM's prefills) are computed in place.
+* ``majority_residual`` -- prepacked GEMM with group 0 (each channel's largest group) for all
                            tokens, then per expert only its rows outside group 0, on its own
                            tokens: cost ~ 1 + the fraction of differing rows.
 * ``hot_cache``         -- per-expert GEMMs on dense copies kept by a :class:`HotExpertCache`
-                           (a global byte budget across layers); a batch of one cached expert
-                           is a single plain ``F.linear``.
+                           (a global byte budget across layers), prepacked when admitted; a
+                           batch of one cached expert is a single prepacked GEMM, as in stock vLLM.
 * ``triton``            -- CUDA only: fused gather-GEMM (see ``triton_kernels``).
 """
 
@@ -63,6 +66,106 @@ __all__ = [
 ]
 
 _ids = itertools.count()
+
+
+# --------------------------------------------------------------------------------------------
+# Dense GEMM backend (vLLM-free interface; the adapter plugs in vLLM's CPU GEMM)
+# --------------------------------------------------------------------------------------------
+
+#: A prepacked dense GEMM: ``fn(x [T, in], bias [out] | None, out [T, out] | None) -> [T, out]``
+#: (``x @ W^T + bias``, written into ``out`` when given).
+GemmFn = Callable[..., torch.Tensor]
+
+
+def torch_linear(weight: torch.Tensor) -> GemmFn:
+    """The plain path: ``F.linear`` / ``torch.addmm`` on ``weight [out, in]`` (no copy)."""
+
+    def fn(x: torch.Tensor, bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+        if out is None:
+            return F.linear(x, weight, bias)
+        if bias is None:
+            return torch.mm(x, weight.t(), out=out)
+        return torch.addmm(bias, x, weight.t(), out=out)
+
+    fn.path = "torch"  # type: ignore[attr-defined]
+    fn.copies = False  # type: ignore[attr-defined]  (it reads `weight` itself: no copy)
+    return fn
+
+
+class GemmFactory:
+    """How the kernels run a dense GEMM on a weight they hold: ``prepack(weight [out, in])``
+    once (at load, or when the hot cache admits a dense copy), then call the result per step.
+
+    This default is plain PyTorch (``F.linear``; ``prepack`` copies nothing). The vLLM adapter
+    (:func:`vllm_channelmerge.compat.cpu_gemm_factory`) returns one that prepacks into vLLM's
+    own CPU GEMM (oneDNN). Weights that exist only for one call (a per-expert gather) always
+    take the plain path: packing them would cost more than it saves.
+
+    A prepacked GEMM carries ``fn.path`` (which kernel runs it) and ``fn.copies`` (whether it
+    holds its own copy of the weight: then the hot cache keeps only that copy).
+    ``packed_speedup``: how much faster a prepacked GEMM computes than ``F.linear`` on this
+    host (the cost rule weighs the strategies with it; 1 for the plain path).
+    """
+
+    name = "torch"
+    packed_speedup = 1.0
+
+    def prepack(self, weight: torch.Tensor) -> GemmFn:
+        return torch_linear(weight)
+
+    def cost_model(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "CostModel":
+        """The cost rule's constants for layers of this dtype on this device."""
+        return CostModel.for_device(device)
+
+    def describe(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+TORCH_GEMM = GemmFactory()
+
+
+# The ISA features that decide which CPU GEMM is fast (recorded with every benchmark figure).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """This host's vector ISA features (``/proc/cpuinfo``; torch's own checks elsewhere)."""
+    found: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    found = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    if not found:  # not Linux: ask torch
+        caps = getattr(torch.cpu, "get_capabilities", lambda: {})() or {}
+        found = {k.replace("avx512_f", "avx512f") for k, v in caps.items() if v is True}
+    return {k: k in found for k in CPU_FLAGS}
+
+
+def host_kind(flags: Optional[dict[str, bool]] = None) -> str:
+    """``AVX-512 + AVX512-BF16 + AMX``, ``AVX-512``, ``AVX2`` or ``no AVX2``: the kind of CPU a
+    speed figure comes from (results of different kinds are kept apart)."""
+    f = flags if flags is not None else cpu_flags()
+    if f.get("avx512f"):
+        kind = "AVX-512"
+        if f.get("avx512_bf16"):
+            kind += " + AVX512-BF16"
+        if f.get("amx_bf16") or f.get("amx_tile"):
+            kind += " + AMX"
+        return kind
+    return "AVX2" if f.get("avx2") else "no AVX2"
+
+
+def cpu_isa_summary() -> str:
+    """One line for logs: the host kind and its flags."""
+    f = cpu_flags()
+    return f"{host_kind(f)} ({' '.join(k for k, v in f.items() if v) or 'none of ' + ' '.join(CPU_FLAGS)})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +291,37 @@ class ExpertBatch:
     def max_count(self) -> int:
         return max(self.counts, default=0)
 
+    @property
+    def inverse_order(self) -> torch.Tensor:
+        """``inverse_order[order[i]] = i``: where each row went in the expert-sorted batch."""
+        inv = self._scratch.get("inverse_order")
+        if inv is None:
+            inv = torch.empty_like(self.order)
+            inv[self.order] = torch.arange(self.order.numel(), device=self.order.device)
+            self._scratch["inverse_order"] = inv
+        return inv
+
+    @property
+    def runs(self) -> list[tuple[int, int, int]]:
+        """Maximal runs of consecutive rows of one expert, ``(expert, start, length)`` in row
+        order (computed on first use, once per step). vLLM lays each request's tokens out
+        contiguously, so a prefill is a few long runs: GEMMs on row slices, no sorting."""
+        r = self._scratch.get("runs")
+        if r is None:
+            ids = self.expert_ids
+            t = ids.numel()
+            if t == 0:
+                r = []
+            elif self.num_present == 1:
+                r = [(self.experts[0], 0, t)]
+            else:
+                starts = [0] + (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+                firsts = ids.index_select(0, torch.tensor(starts, device=ids.device)).tolist()
+                ends = starts[1:] + [t]
+                r = [(e, a, b - a) for e, a, b in zip(firsts, starts, ends)]
+            self._scratch["runs"] = r
+        return r
+
     def scratch(self, key, make: Callable[[], object]):
         """Per-step memo (e.g. tile tables for the Triton kernel), shared by all layers."""
         v = self._scratch.get(key)
@@ -222,6 +356,10 @@ class LayerState:
     residual_fraction: list[float]
     cache: Optional["HotExpertCache"] = None
     name: str = ""
+    gemm: GemmFactory = field(default=TORCH_GEMM, repr=False)
+    # Prepacked GEMMs of the stored weight (no bias: it is passed per call), keyed by what they
+    # hold; shared with the states dataclasses.replace derives (same weight, other bias).
+    packs: dict = field(default_factory=dict, repr=False)
     uid: int = field(default_factory=lambda: next(_ids), init=False)  # fresh on dataclasses.replace
 
     @property
@@ -244,6 +382,7 @@ class LayerState:
         # flat views, made once: a per-call reshape costs microseconds on every layer
         self.weight_flat = self.weight.view(-1, self.weight.shape[2])  # [K*out, in]
         self.bias_flat = None if self.bias is None else self.bias.view(-1)  # [K*out]
+        self.cost_model = self.gemm.cost_model(self.weight.dtype, self.weight.device)
 
     @property
     def dense_bytes(self) -> int:
@@ -266,6 +405,41 @@ class LayerState:
         b = None if self.bias is None else self.bias_flat.index_select(0, idx)
         return w, b, True
 
+    # -- prepacked GEMMs on the stored weight ---------------------------------------------------
+    def group_gemm(self, g: int) -> GemmFn:
+        """GEMM on group ``g``'s rows ``weight[g]`` (prepacked on first use; 0 at load)."""
+        fn = self.packs.get(g)
+        if fn is None:
+            fn = self.packs[g] = self.gemm.prepack(self.weight[g])
+        return fn
+
+    def all_groups_gemm(self) -> GemmFn:
+        """GEMM on all K groups at once, ``weight_flat [K*out, in]`` (prepacked at load)."""
+        if self.num_groups == 1:
+            return self.group_gemm(0)
+        fn = self.packs.get("all")
+        if fn is None:
+            fn = self.packs["all"] = self.gemm.prepack(self.weight_flat)
+        return fn
+
+    def select_masks(self) -> Optional[list[torch.Tensor]]:
+        """Per group g >= 1, ``[N, out]`` 1.0 where expert e's channel c is in group g, in the
+        weight's dtype (``all_groups`` selects with them); None where a stray Inf from a group a
+        token does not use could turn into NaN (float16: then the int64 gather is used)."""
+        if self.weight.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            return None
+        m = self.packs.get("masks")
+        if m is None:
+            gi = self.group_index
+            m = self.packs["masks"] = [(gi == g).to(self.weight.dtype) for g in range(1, self.num_groups)]
+        return m
+
+    def prepack(self) -> "LayerState":
+        """Pack what every strategy may need, once, at load: all groups and group 0."""
+        self.group_gemm(0)
+        self.all_groups_gemm()
+        return self
+
 
 def prepare_layer(
     weight: torch.Tensor,
@@ -274,11 +448,14 @@ def prepare_layer(
     *,
     cache: Optional["HotExpertCache"] = None,
     name: str = "",
+    gemm: Optional[GemmFactory] = None,
 ) -> LayerState:
     """Validate a layer's tensors and precompute its index tables (call once, at load).
 
     ``weight`` must be ``[K, out, in]`` and ``group_index`` ``[N, out]`` with values in
     ``[0, K)``; ``bias`` (optional) ``[K, out]``. Index tables go to the weight's device.
+    ``gemm`` (default: plain ``F.linear``) prepacks the all-groups and group-0 weights here,
+    once; other groups' views when a strategy first needs them, hot-cache copies when admitted.
     """
     if weight.dim() != 3:
         raise ValueError(f"{name or 'layer'}: weight must be [K, out, in], got {tuple(weight.shape)}")
@@ -309,7 +486,9 @@ def prepare_layer(
         res_rows.append(rows)
         res_flat.append(flat[e].index_select(0, rows))
         res_frac.append(rows.numel() / out if out else 0.0)
-    return LayerState(weight, gi, bias, flat, uniform, res_rows, res_flat, res_frac, cache, name)
+    st = LayerState(weight, gi, bias, flat, uniform, res_rows, res_flat, res_frac, cache, name,
+                    gemm=gemm or TORCH_GEMM)
+    return st.prepack()
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +520,9 @@ class HotExpertCache:
     strictly colder experts (coldest first, then least recently used); equally hot experts never
     evict each other, so a budget too small for every hot expert does not thrash.
     Experts whose channels all sit in one group need no copy and are never stored.
+    An admitted copy is prepacked once with the layer's :class:`GemmFactory`; when that holds
+    its own copy of the weight (vLLM's oneDNN on CPU), only the packed one is kept, so an entry
+    costs one dense layer's bytes either way.
     """
 
     def __init__(self, budget_bytes: int, decay: float = 0.9) -> None:
@@ -349,7 +531,8 @@ class HotExpertCache:
         self.budget_bytes = int(budget_bytes)
         self.decay = float(decay)
         self.hotness: dict[int, float] = {}
-        self._entries: dict[tuple[int, int], tuple[torch.Tensor, Optional[torch.Tensor], int]] = {}
+        # (layer uid, expert) -> (plain weight or None, bias, bytes, prepacked GEMM)
+        self._entries: dict[tuple[int, int], tuple[Optional[torch.Tensor], Optional[torch.Tensor], int, GemmFn]] = {}
         self._last_use: dict[tuple[int, int], int] = {}
         self._tick = 0
         self._last_batch_uid = -1
@@ -410,26 +593,42 @@ class HotExpertCache:
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Expert's dense ``(weight, bias)``: from the cache (hit), else gathered (miss) and,
         if ``admit``, kept when the budget allows."""
+        fn, b, w = self._lookup(state, expert, admit)
+        return (w if w is not None else state.expert_weight(expert)[0]), b
+
+    def get_gemm(self, state: LayerState, expert: int, admit: bool = True) -> tuple[GemmFn, Optional[torch.Tensor]]:
+        """Expert's dense GEMM and bias: a cached copy's prepacked GEMM (hit), one group's
+        prepacked GEMM (an expert in one group), else the plain path on a fresh gather (miss),
+        which is kept and prepacked if ``admit`` and the budget allows."""
+        fn, b, _ = self._lookup(state, expert, admit)
+        return fn, b
+
+    def _lookup(self, state: LayerState, expert: int, admit: bool):
         self._tick += 1
         key = (state.uid, expert)
         ent = self._entries.get(key)
         if ent is not None:
             self.stats.hits += 1
             self._last_use[key] = self._tick
-            return ent[0], ent[1]
-        w, b, copied = state.expert_weight(expert)
-        if not copied:  # a view of one group: as good as a hit, costs nothing
+            return ent[3], ent[1], ent[0]
+        g = state.uniform_group[expert]
+        if g >= 0:  # a view of one group: as good as a hit, costs nothing
             self.stats.hits += 1
-            return w, b
+            return state.group_gemm(g), (None if state.bias is None else state.bias[g]), state.weight[g]
+        w, b, _ = state.expert_weight(expert)
         self.stats.misses += 1
         if admit:
-            self._admit(key, w, b, state.dense_bytes)
-        return w, b
+            ent = self._admit(key, w, b, state.dense_bytes, state.gemm)
+            if ent is not None:
+                return ent[3], ent[1], w
+        return torch_linear(w), b, w
 
-    def _admit(self, key: tuple[int, int], w: torch.Tensor, b: Optional[torch.Tensor], size: int) -> bool:
+    def _admit(self, key: tuple[int, int], w: torch.Tensor, b: Optional[torch.Tensor], size: int,
+               gemm: GemmFactory = TORCH_GEMM):
+        """Keep (and prepack) a gathered copy if the budget allows; returns the entry or None."""
         if size > self.budget_bytes:
             self.stats.rejections += 1
-            return False
+            return None
         need = self.stats.bytes_used + size - self.budget_bytes
         if need > 0:
             heat = self.hotness.get(key[1], 0.0)
@@ -445,16 +644,17 @@ class HotExpertCache:
                 freed += self._entries[v][2]
             if freed < need:
                 self.stats.rejections += 1
-                return False
+                return None
             for v in chosen:
                 self.stats.bytes_used -= self._entries.pop(v)[2]
                 self._last_use.pop(v, None)
                 self.stats.evictions += 1
-        self._entries[key] = (w, b, size)
+        fn = gemm.prepack(w)
+        ent = self._entries[key] = (None if getattr(fn, "copies", False) else w, b, size, fn)
         self._last_use[key] = self._tick
         self.stats.bytes_used += size
         self.stats.admissions += 1
-        return True
+        return ent
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,40 +666,67 @@ def _flat2d(x: torch.Tensor, state: LayerState) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, state.in_features)
 
 
+def _bias(state: LayerState, g: int) -> Optional[torch.Tensor]:
+    return None if state.bias is None else state.bias[g]
+
+
 def dense(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """Plain ``F.linear`` for K == 1 or a one-expert batch whose rows are one group's view."""
+    """One prepacked GEMM for K == 1 or a one-expert batch whose rows are one group's view."""
     e = batch.single_expert if batch.single_expert is not None else 0
     if state.num_groups != 1 and batch.num_present > 1:
         raise ValueError("dense strategy needs K == 1 or a single-expert batch")
     g = 0 if state.num_groups == 1 else state.uniform_group[e]
     if g < 0:
         raise ValueError(f"dense strategy: expert {e} mixes groups; use hot_cache or a gather")
-    return F.linear(x, state.weight[g], None if state.bias is None else state.bias[g])
+    return state.group_gemm(g)(_flat2d(x, state), _bias(state, g))
 
 
 def all_groups(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """One GEMM against all K groups, then pick each (token, channel)'s group.
+    """One GEMM against all K groups (prepacked ``[K*out, in]``), then pick each (token,
+    channel)'s group.
 
     Reads the weights once; K x the FLOPs and output of a dense layer. Best for decode.
     """
     x2 = _flat2d(x, state)
-    y_all = F.linear(x2, state.weight_flat, state.bias_flat)  # [T, K*out], bias folded in
-    if state.num_groups == 1:
-        return y_all
-    sel = state.flat_index.index_select(0, batch.expert_ids)  # [T, out] rows of y_all
-    return y_all.gather(1, sel)
+    k = state.num_groups
+    if k == 1:
+        return state.all_groups_gemm()(x2, state.bias_flat)
+    # [T, K*out], bias folded in, into a buffer the step's layers share (read only below): a
+    # fresh allocation per layer costs as much as the select on decode-sized batches
+    shape = (x2.shape[0], k * state.out_features)
+    y_all = batch.scratch(("all_groups", shape, x2.dtype), lambda: x2.new_empty(shape))
+    state.all_groups_gemm()(x2, state.bias_flat, out=y_all)
+    masks = state.select_masks()
+    if masks is None:
+        sel = state.flat_index.index_select(0, batch.expert_ids)  # [T, out] rows of y_all
+        return y_all.gather(1, sel)
+    # lerp(a, b, w) is exactly a at w = 0 and exactly b at w = 1 (torch computes b - (b-a)*(1-w)
+    # for w >= 0.5), and reads a [T, out] mask in the activations' dtype instead of an int64
+    # index: 1.5-3x cheaper than the gather at prefill sizes.
+    y3 = y_all.view(-1, k, state.out_features)
+    y = y3[:, 0]
+    for g in range(1, k):
+        y = torch.lerp(y, y3[:, g], masks[g - 1].index_select(0, batch.expert_ids))
+    return y
 
 
 def per_expert_gather(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
     """Gather each present expert's dense rows (precomputed flat indices); one GEMM per expert
-    segment of the expert-sorted batch. Best for prefill. Does not touch the hot cache."""
+    segment of the expert-sorted batch. Best for prefill. Does not touch the hot cache.
+    An expert whose channels all sit in one group uses that group's prepacked GEMM; a gathered
+    weight exists for this call only and takes the plain path."""
     return _per_expert(x, state, batch, use_cache=False)
 
 
 def hot_cache(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """Per-expert GEMMs on dense copies from the hot-expert cache (one ``F.linear`` for a
-    single-expert batch). Without a cache this is ``per_expert_gather``."""
+    """Per-expert GEMMs on dense copies from the hot-expert cache, prepacked when admitted (one
+    GEMM for a single-expert batch). Without a cache this is ``per_expert_gather``."""
     return _per_expert(x, state, batch, use_cache=state.cache is not None)
+
+
+# Mean rows per run of one expert from which the per-expert strategies compute each run in
+# place instead of sorting the rows by expert and back (two copies of the activations).
+RUN_MIN_MEAN_LENGTH = 16
 
 
 def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cache: bool) -> torch.Tensor:
@@ -508,37 +735,48 @@ def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cach
     if cache is not None:
         cache.observe(batch)
 
-    def weights(e: int):
+    def gemm(e: int) -> tuple[GemmFn, Optional[torch.Tensor]]:
         if cache is not None:
-            return cache.get(state, e)
+            return cache.get_gemm(state, e)
+        g = state.uniform_group[e]
+        if g >= 0:
+            return state.group_gemm(g), _bias(state, g)
         w, b, _ = state.expert_weight(e)
-        return w, b
+        return torch_linear(w), b
 
     if batch.num_present <= 1:
         if batch.num_present == 0:
             return x2.new_empty((0, state.out_features))
-        w, b = weights(batch.experts[0])
-        return F.linear(x2, w, b)
+        fn, b = gemm(batch.experts[0])
+        return fn(x2, b)
+    if batch.num_tokens >= RUN_MIN_MEAN_LENGTH * len(batch.runs):
+        # long runs of one expert (prefill): GEMMs on row slices, in place, no sorting
+        y = x2.new_empty((x2.shape[0], state.out_features))
+        got: dict[int, tuple[GemmFn, Optional[torch.Tensor]]] = {}
+        for e, s, n in batch.runs:
+            fb = got.get(e)
+            if fb is None:
+                fb = got[e] = gemm(e)
+            fb[0](x2[s : s + n], fb[1], out=y[s : s + n])
+        return y
     xs = x2.index_select(0, batch.order)
     ys = x2.new_empty((x2.shape[0], state.out_features))
     for e, s, n in zip(batch.experts, batch.offsets, batch.counts):  # loop over experts only
-        w, b = weights(e)
-        if b is None:
-            torch.mm(xs[s : s + n], w.t(), out=ys[s : s + n])
-        else:
-            torch.addmm(b, xs[s : s + n], w.t(), out=ys[s : s + n])
-    y = torch.empty_like(ys)
-    y.index_copy_(0, batch.order, ys)
-    return y
+        fn, b = gemm(e)
+        fn(xs[s : s + n], b, out=ys[s : s + n])
+    # back to row order: a gather of rows by the inverse permutation (several times faster
+    # than index_copy_ on CPU, which scatters element by element)
+    return ys.index_select(0, batch.inverse_order)
 
 
 def majority_residual(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """Dense GEMM with group 0 for every token, then per expert only its non-group-0 rows.
+    """Dense GEMM with group 0 (prepacked) for every token, then per expert only its
+    non-group-0 rows (gathered per call: the plain path).
 
     Cost ~ (1 + residual fraction) dense layers when the groups are lopsided.
     """
     x2 = _flat2d(x, state)
-    y = F.linear(x2, state.weight[0], None if state.bias is None else state.bias[0])
+    y = state.group_gemm(0)(x2, _bias(state, 0))
     if state.num_groups == 1 or batch.num_tokens == 0:
         return y
     wf, bf = state.weight_flat, state.bias_flat
@@ -591,6 +829,14 @@ class CostModel:
     a gather ~1.6, ~14 GB/s, ~10 us per segment. CUDA defaults are estimates for a
     datacenter GPU (memory-bound up to a few hundred tokens); there the fused Triton kernel
     takes mixed decode batches.
+
+    ``packed``: cost of a GEMM on a prepacked weight (the all-groups and group weights, hot-cache
+    copies: :class:`GemmFactory`) relative to the plain ``F.linear`` a per-call gather gets; 1
+    where both are the same kernel (the plain factory, AVX2 hosts), below 1 where vLLM's
+    prepacked CPU GEMM is faster (see :func:`prepacked_cpu_cost`).
+    ``select`` / ``scatter``: cost of picking one output element of ``all_groups`` / writing one
+    residual element of ``majority_residual``, in units of one weight element's pass (0: not
+    modelled, as in the AVX2 calibration); they weigh at prefill sizes.
     """
 
     flop_per_token: float = 0.12
@@ -598,6 +844,9 @@ class CostModel:
     launch_us: float = 10.0
     bytes_per_us: float = 14e3
     triton_max_tokens_per_expert: int = 64
+    packed: float = 1.0
+    select: float = 0.0
+    scatter: float = 0.0
 
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> "CostModel":
@@ -615,39 +864,73 @@ DEFAULT_COST = CostModel()
 CUDA_COST = CostModel(flop_per_token=0.004, gather=2.0, launch_us=6.0, bytes_per_us=3e6)
 
 
+def prepacked_cpu_cost(dtype: torch.dtype, flags: Optional[dict[str, bool]] = None) -> CostModel:
+    """Cost constants when the prepacked GEMMs run vLLM's CPU GEMM (oneDNN), by host kind.
+
+    AVX2 hosts: oneDNN matched ``F.linear`` there, so the defaults hold. AVX-512 hosts: float32,
+    and bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX), as measured with
+    benchmarks/kernels_cpu.py (SmolLM2-135M layer shapes, 1 thread; units: one plain
+    ``F.linear`` pass over the dense weight). float16 keeps the defaults: without AMX-FP16
+    it is compute-bound like the AVX2 float32 they were measured on, and oneDNN was no faster
+    than ``F.linear`` for it there.
+    """
+    f = flags if flags is not None else cpu_flags()
+    if not f.get("avx512f"):
+        return DEFAULT_COST
+    if dtype == torch.bfloat16 and not (f.get("avx512_bf16") or f.get("amx_bf16")):
+        return DEFAULT_COST
+    return _AVX512_COST.get(dtype, DEFAULT_COST)
+
+
+_AVX512_COST = {
+    # F.linear T=1 ~1.0 ms per SmolLM2 layer (4 linears); +3.6% a token; oneDNN ~0.9x of it;
+    # a gather ~2.2 passes; the lerp select ~2.9, a residual scatter ~22 weight elements each.
+    torch.float32: CostModel(flop_per_token=0.036, gather=2.2, launch_us=10.0, bytes_per_us=14e3, packed=0.9,
+                             select=2.9, scatter=22.0),
+    # bf16: F.linear T=1 ~1.0 ms too (no faster than float32 at decode), +0.74% a token;
+    # vLLM's oneDNN / AMX GEMM ~0.72x of it; a gather ~0.84 passes.
+    torch.bfloat16: CostModel(flop_per_token=0.0074, gather=0.84, launch_us=10.0, bytes_per_us=7.2e3, packed=0.72,
+                              select=2.0, scatter=23.0),
+}
+
+
 def strategy_costs(
     batch: ExpertBatch, state: LayerState, cost: Optional[CostModel] = None
 ) -> dict[str, float]:
     """Estimated cost of each applicable strategy (see :class:`CostModel` for the units).
 
     dense(t)          = 1 + a*t                            (a = flop_per_token, L = launch)
-    all_groups        = K * dense(T) + L
-    per_expert_gather = sum_e [gather_e + dense(t_e) + L], gather_e = 0 for a one-group expert
-    hot_cache         = per_expert_gather with gather_e = 0 for experts already cached
-    majority_residual = dense(T) + L + sum_e [r_e * (gather + dense(t_e)) + L]  (experts with r_e > 0)
+    packed(t)         = p * dense(t)                       (p = packed: a prepacked weight)
+    all_groups        = K * packed(T) + L + (K - 1) * select * T / in
+    per_expert_gather = sum_e [gather_e + dense(t_e) + L]; a one-group expert: packed(t_e) + L
+    hot_cache         = per_expert_gather with packed(t_e) + L for experts already cached
+    majority_residual = packed(T) + L + sum_e [r_e * (gather + dense(t_e) + scatter * t_e / in) + L]
+                        (experts with r_e > 0)
     """
-    cost = cost or CostModel.for_device(batch.device)
-    a, k, t = cost.flop_per_token, state.num_groups, batch.num_tokens
+    cost = cost or state.cost_model
+    a, k, t, p = cost.flop_per_token, state.num_groups, batch.num_tokens, cost.packed
     lc = cost.launch(state)
+    per_in = 1.0 / max(1, state.in_features)
 
     def d(n: int) -> float:
         return 1.0 + a * n
 
-    costs: dict[str, float] = {"all_groups": k * d(t) + lc}
+    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + (k - 1) * cost.select * t * per_in}
     pe = hc = mr = 0.0
     for e, n in zip(batch.experts, batch.counts):
+        plain = cost.gather + d(n) + lc
+        packed = p * d(n) + lc
         uni = state.uniform_group[e] >= 0
-        g = 0.0 if uni else cost.gather
-        pe += g + d(n) + lc
-        cached = state.cache is not None and state.cache.contains(state, e)
-        hc += (0.0 if cached else g) + d(n) + lc
+        pe += packed if uni else plain
+        cached = uni or (state.cache is not None and state.cache.contains(state, e))
+        hc += packed if cached else plain
         r = state.residual_fraction[e]
         if r > 0:
-            mr += r * (cost.gather + d(n)) + lc
+            mr += r * (cost.gather + d(n) + cost.scatter * n * per_in) + lc
     if state.cache is not None:  # before per_expert_gather: on a tie it also keeps the copies
         costs["hot_cache"] = hc
     costs["per_expert_gather"] = pe
-    costs["majority_residual"] = d(t) + lc + mr
+    costs["majority_residual"] = p * d(t) + lc + mr
     return costs
 
 
@@ -657,13 +940,13 @@ def choose_strategy(
     """Pick a strategy from the batch composition (a cheap rule, no timing).
 
     1. K == 1, or one expert whose channels all sit in one group -> ``dense``.
-    2. One expert with a hot cache that holds it or would admit it -> ``hot_cache`` (hits are a
-       plain ``F.linear``; a miss gathers once and keeps the copy, so the next steps hit).
+    2. One expert with a hot cache that holds it or would admit it -> ``hot_cache`` (hits are
+       one prepacked GEMM; a miss gathers once and keeps the copy, so the next steps hit).
     3. CUDA with Triton and a mixed decode batch (<= 64 tokens per expert) -> ``triton``.
     4. Otherwise the cheapest by :func:`strategy_costs` (ties: the earlier in the list).
     """
     st = layer_meta
-    cost = cost or CostModel.for_device(batch.device)
+    cost = cost or st.cost_model
     if batch.num_tokens == 0 or st.num_groups == 1:
         return "dense"
     single = batch.single_expert

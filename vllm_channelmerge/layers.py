@@ -122,7 +122,8 @@ class Prepared:
 def prepare(ctx: EngineContext, prefix: str, weight: torch.Tensor, gi: torch.Tensor,
             bias: Optional[torch.Tensor], use_cache: bool = True) -> Prepared:
     try:
-        st = kernels.prepare_layer(weight, gi, bias, cache=ctx.hot_cache if use_cache else None, name=prefix)
+        st = kernels.prepare_layer(weight, gi, bias, cache=ctx.hot_cache if use_cache else None, name=prefix,
+                                   gemm=ctx.gemm)
     except ValueError as e:
         raise fmt.FormatError(f"{prefix}: {e}") from None
     return Prepared(st, st if bias is None else dataclasses.replace(st, bias=None))

@@ -3,15 +3,20 @@
 Systems (same prompts, greedy, fixed output length, N experts, K groups):
   a  stock vLLM serving one dense expert (the per-token upper bound)
   b  channelmerge serving all N experts, requests spread evenly (round robin) over them
+  b_torch  b with the kernels' GEMMs on plain F.linear (CHANNELMERGE_CPU_GEMM=torch: the
+           kernels as they were before they ran on vLLM's prepacked CPU GEMM)
   c  the ensemble: N stock vLLM servers, one per dense expert, each given its share at once
   d  channelmerge with every request for one expert
   d_cache  d with the hot-expert cache holding that expert's dense copy
            (CHANNELMERGE_HOT_CACHE_BYTES = one expert's weight bytes)
+Each system runs in each --dtype (default: float32, and bfloat16 where the CPU has native bf16).
 The load generator is vLLM's own serving benchmark (`vllm.benchmarks.serve`); its
 `--lora-modules NAME... --lora-assignment round-robin` sets each request's `model`.
 
-Usage: python -m benchmarks.throughput.run [--systems a b c d] [--concurrency 1 8 32 64]
-Writes benchmarks/throughput/results.json, RESULTS.md and throughput.png.
+Usage: python -m benchmarks.throughput.run [--systems a b c d] [--concurrency 1 8 32 64] [--dtype float32 bfloat16]
+Writes benchmarks/throughput/results.json, RESULTS.md and throughput.png. Results are kept per
+host kind (AVX2 / AVX-512 + AVX512-BF16 + AMX / ...: the CPU flags are recorded with every
+run) and dtype: a run replaces only the rows of its own host kind and dtypes.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import concurrent.futures as cf
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -33,7 +37,9 @@ from typing import Iterator
 
 import psutil
 
+from benchmarks.kernels_cpu import host_line, native_bf16
 from benchmarks.servers import free_port, wait_until_ready
+from vllm_channelmerge import kernels as kk
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -41,9 +47,11 @@ WORK = ROOT / "work" / "throughput"
 REAL_EXPERTS = ROOT / "work" / "experts"
 log = logging.getLogger("throughput")
 
-# SmolLM2-135M shape (Llama): random weights when the real experts are not built.
+# SmolLM2-135M shape (Llama): random weights when the real experts are not built. Like the
+# real experts, the (tied) embeddings are frozen: one group for the embedding and the lm_head.
 SMOLLM2_SHAPE = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
                      intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+RANDOM_FAMILY = "family-frozen-embed"
 
 
 def prepare(num_experts: int, num_groups: int) -> tuple[dict[str, Path], Path]:
@@ -58,13 +66,13 @@ def prepare(num_experts: int, num_groups: int) -> tuple[dict[str, Path], Path]:
         base = REAL_EXPERTS / "base"
     else:
         names = [f"expert{i}" for i in range(num_experts)]
-        fam = WORK / "family"
+        fam = WORK / RANDOM_FAMILY
         if not all((fam / n / "model.safetensors").exists() for n in names):
             log.info("building random SmolLM2-shaped experts in %s", fam)
-            make_family(fam, names, arch="llama", **SMOLLM2_SHAPE)
+            make_family(fam, names, arch="llama", frozen=("embed_tokens",), **SMOLLM2_SHAPE)
         experts = {n: fam / n for n in names}
         base = fam / "base"
-    merged = WORK / f"merged-k{num_groups}"
+    merged = WORK / (f"merged-k{num_groups}" if len(real) >= num_experts else f"merged-{RANDOM_FAMILY}-k{num_groups}")
     if not (merged / "config.json").exists():
         cfg = MergeConfig(base_model=str(base), num_groups=num_groups, method="average",
                           experts=[{"name": n, "model": str(p)} for n, p in experts.items()])
@@ -116,9 +124,8 @@ def server_env(threads_bind: str, extra: dict[str, str] | None = None) -> dict[s
             "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
 
 
-SYSTEMS = ("a", "b", "c", "d", "d_cache")
-COMMON_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-               "--max-num-seqs", "64"]
+SYSTEMS = ("a", "b", "b_torch", "c", "d", "d_cache")
+COMMON_ARGS = ["--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "64"]
 
 
 @contextmanager
@@ -143,14 +150,14 @@ def servers(cmds: list[list[str]], ports: list[int], logs: list[Path],
                 p.kill()
 
 
-def stock_cmd(model: Path, name: str, port: int) -> list[str]:
+def stock_cmd(model: Path, name: str, port: int, dtype: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", name, "--port", str(port), *COMMON_ARGS]
+            "--served-model-name", name, "--port", str(port), "--dtype", dtype, *COMMON_ARGS]
 
 
-def channelmerge_cmd(merged: Path, port: int) -> list[str]:
+def channelmerge_cmd(merged: Path, port: int, dtype: str) -> list[str]:
     exe = str(Path(sys.executable).parent / "channelmerge")
-    return [exe, "serve", str(merged), "--port", str(port), *COMMON_ARGS]
+    return [exe, "serve", str(merged), "--port", str(port), "--dtype", dtype, *COMMON_ARGS]
 
 
 def bench(port: int, model: str, tokenizer: Path, names: list[str] | None, concurrency: int,
@@ -179,41 +186,44 @@ def bench(port: int, model: str, tokenizer: Path, names: list[str] | None, concu
     return json.loads(out.read_text())
 
 
-def summarise(system: str, conc: int, results: list[dict], wbytes: int, rss: int) -> dict:
+def summarise(system: str, conc: int, results: list[dict], wbytes: int, rss: int, dtype: str = "float32") -> dict:
     """Aggregate one or more simultaneous benchmark clients into one row."""
     duration = max(r["duration"] for r in results)
     tokens = sum(r["total_output_tokens"] for r in results)
     pick = lambda key: max(r[key] for r in results)  # noqa: E731  worst client for latency
-    return {"system": system, "concurrency": conc, "output_tokens_per_s": tokens / duration,
+    return {"system": system, "dtype": dtype, "concurrency": conc, "output_tokens_per_s": tokens / duration,
             "ttft_ms_p50": pick("p50_ttft_ms"), "ttft_ms_p99": pick("p99_ttft_ms"),
             "itl_ms_p50": pick("p50_itl_ms"), "itl_ms_p99": pick("p99_itl_ms"),
             "weight_bytes": wbytes, "peak_rss_bytes": rss, "completed": sum(r["completed"] for r in results),
             "num_clients": len(results)}
 
 
-def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[int], a: argparse.Namespace) -> list[dict]:
+def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[int], a: argparse.Namespace,
+               dtype: str = "float32") -> list[dict]:
     names = list(experts)
     first = names[0]
     logs = WORK / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if system == "c":
         ports = [free_port() for _ in names]
-        cmds = [stock_cmd(experts[n], n, p) for n, p in zip(names, ports)]
+        cmds = [stock_cmd(experts[n], n, p, dtype) for n, p in zip(names, ports)]
         wbytes = sum(weight_bytes(experts[n]) for n in names)
     elif system == "a":
         ports = [free_port()]
-        cmds = [stock_cmd(experts[first], first, ports[0])]
+        cmds = [stock_cmd(experts[first], first, ports[0], dtype)]
         wbytes = weight_bytes(experts[first])
     else:
         ports = [free_port()]
-        cmds = [channelmerge_cmd(merged, ports[0])]
+        cmds = [channelmerge_cmd(merged, ports[0], dtype)]
         wbytes = weight_bytes(merged)
     env = {}
     if system == "d_cache":  # room for one dense expert (weights counted once more below)
         env["CHANNELMERGE_HOT_CACHE_BYTES"] = str(int(1.05 * weight_bytes(experts[first])))
         wbytes += weight_bytes(experts[first])
+    if system == "b_torch":
+        env["CHANNELMERGE_CPU_GEMM"] = "torch"
     rows = []
-    with servers(cmds, ports, [logs / f"{system}-{i}.log" for i in range(len(cmds))], env) as procs:
+    with servers(cmds, ports, [logs / f"{system}-{dtype}-{i}.log" for i in range(len(cmds))], env) as procs:
         with RssMonitor([p.pid for p in procs]) as mon:
             for conc in concs:
                 n_prompts = max(a.prompts_per_concurrency * conc, a.min_prompts)
@@ -223,65 +233,121 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
                         res = list(pool.map(lambda i: bench(ports[i], names[i], experts[names[i]], None, share_c,
                                                             share_n, a.input_len, a.output_len, a.seed + i),
                                             range(len(names))))
-                elif system == "b":
+                elif system in ("b", "b_torch"):
                     res = [bench(ports[0], first, experts[first], names, conc, n_prompts, a.input_len,
                                  a.output_len, a.seed)]
                 else:
                     res = [bench(ports[0], first, experts[first], None, conc, n_prompts, a.input_len,
                                  a.output_len, a.seed)]
-                rows.append(summarise(system, conc, res, wbytes, mon.peak))
-                log.info("%s c=%d: %.1f tok/s", system, conc, rows[-1]["output_tokens_per_s"])
+                rows.append(summarise(system, conc, res, wbytes, mon.peak, dtype))
+                log.info("%s %s c=%d: %.1f tok/s", system, dtype, conc, rows[-1]["output_tokens_per_s"])
         for r in rows:
             r["peak_rss_bytes"] = mon.peak
     return rows
 
 
-def write_report(rows: list[dict], meta: dict) -> None:
-    (HERE / "results.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
-    by = {(r["system"], r["concurrency"]): r for r in rows}
-    lines = [
-        "# Throughput: mixed-expert serving against its alternatives", "",
-        f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",
-        f"Experts: {meta['experts']}, N={meta['num_experts']}, K={meta['num_groups']}, "
-        f"input {meta['input_len']} / output {meta['output_len']} tokens, greedy, float32, eager.", "",
-        "| system | conc | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | weight MB | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['system']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms_p50']:.0f} | "
-                     f"{r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | "
-                     f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
-    lines += ["", "Ratios (targets: b/a ≥ 0.8 at 32, d/a ≥ 0.95, b/c ≥ 1.5, weight b/c ≤ 0.55):", ""]
-    for conc in sorted({r["concurrency"] for r in rows}):
-        tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in SYSTEMS if (s, conc) in by}
-        parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}" for x, y in (("b", "a"), ("d", "a"), ("d_cache", "a"), ("b", "c"))
-                 if x in tp and y in tp]
-        lines.append(f"- concurrency {conc}: " + ", ".join(parts))
-    if ("b", rows[0]["concurrency"]) in by and ("c", rows[0]["concurrency"]) in by:
-        wb = by[("b", rows[0]["concurrency"])]["weight_bytes"] / by[("c", rows[0]["concurrency"])]["weight_bytes"]
-        lines.append(f"- weight bytes b/c = {wb:.2f}")
-    notes = HERE / "notes.md"  # the reading of the numbers, written by hand after a run
-    if notes.exists():
-        lines += ["", notes.read_text().strip()]
-    (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
+RESULTS_JSON = HERE / "results.json"
+LEGACY_HOST = "AVX2"  # results.json written before host kinds were recorded came from the AVX2 host
+LABELS = {"a": "a: one dense expert (stock)", "b": "b: channelmerge, mixed",
+          "b_torch": "b on plain F.linear GEMMs", "c": "c: ensemble of stock servers",
+          "d": "d: channelmerge, one expert", "d_cache": "d with the hot-expert cache"}
+
+
+def load_results() -> dict:
+    """{"hosts": {host kind: {"host", "meta": {dtype: meta}, "runs": [rows], "notes"?}}}."""
+    if not RESULTS_JSON.exists():
+        return {"hosts": {}}
+    data = json.loads(RESULTS_JSON.read_text())
+    if "hosts" not in data:  # one run of one host, float32 (the first format)
+        meta = dict(data.get("meta", {}))
+        data = {"hosts": {LEGACY_HOST: {
+            "host": "AVX2 (the 2-core AVX2 host of DESIGN.md section 6; CPU flags not recorded then), "
+                    + meta.get("machine", "?"),
+            "meta": {"float32": meta},
+            "runs": [{"dtype": "float32", **r} for r in data.get("runs", [])],
+            "notes_file": "notes.md"}}}
+    return data
+
+
+def merge_run(data: dict, kind: str, host: str, rows: list[dict], meta: dict, dtypes: list[str]) -> dict:
+    """This run replaces the rows of its host kind and dtypes; every other row is kept."""
+    ent = data["hosts"].setdefault(kind, {"host": host, "meta": {}, "runs": []})
+    ent["host"] = host
+    ent["runs"] = [r for r in ent["runs"] if r.get("dtype", "float32") not in dtypes] + rows
+    for dt in dtypes:
+        ent["meta"][dt] = meta
+    return data
+
+
+def section(kind: str, ent: dict) -> list[str]:
+    lines = [f"## {kind}", "", f"Host: {ent['host']}", ""]
+    for dt in sorted({r.get("dtype", "float32") for r in ent["runs"]}, key=lambda d: d != "float32"):
+        rows = [r for r in ent["runs"] if r.get("dtype", "float32") == dt]
+        meta = ent["meta"].get(dt, {})
+        by = {(r["system"], r["concurrency"]): r for r in rows}
+        lines += [
+            f"### {dt}", "",
+            f"Command: `{meta.get('command', '?')}`  ", f"Machine: {meta.get('machine', '?')}  ",
+            f"Date: {meta.get('date', '?')}  ",
+            f"Experts: {meta.get('experts', '?')}, N={meta.get('num_experts', '?')}, K={meta.get('num_groups', '?')}, "
+            f"input {meta.get('input_len', '?')} / output {meta.get('output_len', '?')} tokens, greedy, {dt}, eager.", "",
+            "| system | conc | out tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | weight MB | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['system']} | {r['concurrency']} | {r['output_tokens_per_s']:.1f} | {r['ttft_ms_p50']:.0f} | "
+                         f"{r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | "
+                         f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
+        lines += ["", "Ratios (same host, dtype and run):", ""]
+        for conc in sorted({r["concurrency"] for r in rows}):
+            tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in SYSTEMS if (s, conc) in by}
+            parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}"
+                     for x, y in (("b", "a"), ("b_torch", "a"), ("d", "a"), ("d_cache", "a"), ("b", "c"), ("b", "b_torch"))
+                     if x in tp and y in tp]
+            if parts:
+                lines.append(f"- concurrency {conc}: " + ", ".join(parts))
+        c0 = rows[0]["concurrency"] if rows else None
+        if ("b", c0) in by and ("c", c0) in by:
+            lines.append(f"- weight bytes b/c = {by[('b', c0)]['weight_bytes'] / by[('c', c0)]['weight_bytes']:.2f}")
+        lines.append("")
+    notes = ent.get("notes")
+    if ent.get("notes_file") and (HERE / ent["notes_file"]).exists():  # written by hand after that run
+        notes = (HERE / ent["notes_file"]).read_text()
+    if notes:  # its headings one level down, under the host's
+        lines += ["\n".join(("#" + ln) if ln.startswith("#") else ln for ln in notes.strip().splitlines()), ""]
+    return lines
+
+
+def write_report(data: dict) -> None:
+    RESULTS_JSON.write_text(json.dumps(data, indent=2) + "\n")
+    lines = ["# Throughput: mixed-expert serving against its alternatives", "",
+             "One section per host kind (the CPU flags decide which GEMM is fast: see DESIGN.md section 6) "
+             "and dtype; compare ratios within a section, not tokens/s across them. Written by "
+             "`python -m benchmarks.throughput.run` from `results.json`; a run replaces only the rows of "
+             "its own host kind and dtypes. `weight MB` = checkpoint bytes on disk.", ""]
+    for kind in sorted(data["hosts"]):
+        lines += section(kind, data["hosts"][kind])
+    (HERE / "RESULTS.md").write_text("\n".join(lines).rstrip() + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels = {"a": "a: one dense expert (stock)", "b": "b: channelmerge, mixed",
-                  "c": "c: ensemble of stock servers", "d": "d: channelmerge, one expert",
-                  "d_cache": "d with the hot-expert cache"}
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for s in SYSTEMS:
-            pts = sorted((r["concurrency"], r["output_tokens_per_s"]) for r in rows if r["system"] == s)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=labels[s])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel("output tokens/s")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        panels = [(k, dt) for k, ent in sorted(data["hosts"].items())
+                  for dt in sorted({r.get("dtype", "float32") for r in ent["runs"]}, key=lambda d: d != "float32")]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (kind, dt) in zip(axes[0], panels):
+            rows = [r for r in data["hosts"][kind]["runs"] if r.get("dtype", "float32") == dt]
+            for s in SYSTEMS:
+                pts = sorted((r["concurrency"], r["output_tokens_per_s"]) for r in rows if r["system"] == s)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=LABELS[s])
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel("output tokens/s")
+            ax.set_title(f"{kind}, {dt}", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(HERE / "throughput.png", dpi=120)
     except ImportError:
@@ -290,8 +356,10 @@ def write_report(rows: list[dict], meta: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", nargs="+", default=list("abcd"), choices=[*"abcd", "d_cache"])
+    ap.add_argument("--systems", nargs="+", default=list("abcd"), choices=list(SYSTEMS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32, and bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX)")
     ap.add_argument("--num-experts", type=int, default=4)
     ap.add_argument("--num-groups", type=int, default=2)
     ap.add_argument("--input-len", type=int, default=128)
@@ -299,20 +367,32 @@ def main() -> None:
     ap.add_argument("--prompts-per-concurrency", type=int, default=2)
     ap.add_argument("--min-prompts", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--notes", type=Path, help="markdown file: this host kind's reading of its numbers "
+                                                 "(kept in results.json)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    experts, merged = prepare(a.num_experts, a.num_groups)
-    rows: list[dict] = []
-    for s in a.systems:
-        rows += run_system(s, experts, merged, a.concurrency, a)
-    meta = {"command": "python -m benchmarks.throughput.run " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "experts": "real" if (REAL_EXPERTS / "base").exists() else "random SmolLM2-135M-shaped",
-            "num_experts": a.num_experts, "num_groups": a.num_groups,
-            "input_len": a.input_len, "output_len": a.output_len}
-    write_report(rows, meta)
+    data = load_results()
+    kind, host = kk.host_kind(), host_line()
+    if not a.report_only:
+        dtypes = a.dtype or (["float32", "bfloat16"] if native_bf16() else ["float32"])
+        experts, merged = prepare(a.num_experts, a.num_groups)
+        rows: list[dict] = []
+        for dt in dtypes:
+            for s in a.systems:
+                rows += run_system(s, experts, merged, a.concurrency, a, dt)
+        meta = {"command": "python -m benchmarks.throughput.run " + " ".join(sys.argv[1:]),
+                "machine": f"{host}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+                "cpu_flags": kk.cpu_flags(),
+                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "experts": ("real" if (REAL_EXPERTS / "base").exists()
+                            else "random SmolLM2-135M-shaped, embeddings frozen (K=1 for them)"),
+                "num_experts": a.num_experts, "num_groups": a.num_groups,
+                "input_len": a.input_len, "output_len": a.output_len}
+        data = merge_run(data, kind, host, rows, meta, dtypes)
+    if a.notes:
+        data["hosts"].setdefault(kind, {"host": host, "meta": {}, "runs": []})["notes"] = a.notes.read_text()
+    write_report(data)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ ENGINE_KW = dict(dtype="float32", enforce_eager=True, max_model_len=1024, max_nu
                  max_num_batched_tokens=128)
 
 
+def _close(llm) -> None:
+    """Shut the engine's worker processes down before the interpreter exits: left to
+    interpreter teardown, they have been seen to abort the script (exit -6) after its
+    results were written."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
 def _sp(expert=None, logprobs=TOP_LOGPROBS):
     from vllm import SamplingParams
 
@@ -102,6 +110,7 @@ def run_plugin(merged: str, out_path: str, tp: int = 1, quick: bool = False) -> 
             res["no_expert_error"] = None
         except Exception as exc:  # noqa: BLE001
             res["no_expert_error"] = f"{type(exc).__name__}: {exc}"
+    _close(llm)
     json.dump(res, open(out_path, "w"))
 
 
@@ -117,15 +126,15 @@ def run_ref(out_path: str, pairs: list[str]) -> None:
         plp = llm.generate([PROMPTS[1]], _prompt_sp(None), use_tqdm=False)[0]
         res[name] = {"prompts": [_record(o) for o in outs[:-1]], "long": _record(outs[-1]),
                      "prompt_logprobs": _prompt_lps(plp), "startup_s": time.time() - t0}
+        _close(llm)
         del llm
-        gc.collect()
     json.dump(res, open(out_path, "w"))
 
 
 def run_load(merged: str) -> None:
     from vllm import LLM
 
-    LLM(model=merged, **ENGINE_KW)
+    _close(LLM(model=merged, **ENGINE_KW))
 
 
 def run_refusals(merged: str, out_path: str) -> None:
