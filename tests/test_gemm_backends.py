@@ -89,7 +89,7 @@ def check_strategies(gemm, dtype, bias, k=2, n=4, out=48, inp=32, cache_bytes=1 
         x = torch.randn(ids.numel(), inp, generator=gen).to(dtype)
         ref = reference_linear(x, w, gi, ids, b)
         strategies = list(STRATEGIES)
-        if batch.single_expert is not None and st.uniform_group[batch.single_expert] >= 0:
+        if batch.single_expert is not None and st.uniform_offset[batch.single_expert] >= 0:
             strategies.append("dense")
         for s in strategies:
             for _ in range(2):  # the second call hits what the first admitted to the cache
@@ -174,7 +174,7 @@ def test_hot_cache_keeps_only_the_packed_copy():
 def test_plain_backend_keeps_a_view_not_a_copy():
     cache = HotExpertCache(1 << 20)
     w, gi, b, st = make(4, 2, 16, 8, torch.float32, False, None, cache=cache)
-    assert st.gemm is kk.TORCH_GEMM and st.group_gemm(0).copies is False
+    assert st.gemm is kk.TORCH_GEMM and st.slice_gemm(0).copies is False
     channel_merged_linear(torch.randn(3, 8), st, ExpertBatch.single(1, 3, 4), "hot_cache")
     (plain, _, _, fn), = cache._entries.values()
     assert plain is not None and fn.path == "torch"
@@ -340,8 +340,8 @@ def test_all_groups_select_is_exact():
             ids = torch.randint(0, 5, (33,), generator=torch.Generator().manual_seed(k))
             batch = ExpertBatch.build(ids, 5)
             x = torch.randn(33, 24).to(dtype)
-            y_all = F.linear(x, st.weight_flat, st.bias_flat)
-            want = y_all.gather(1, st.flat_index.index_select(0, batch.expert_ids))
+            y_all = F.linear(x, st.rows, st.bias)
+            want = y_all.gather(1, st.row_index.index_select(0, batch.expert_ids))
             assert torch.equal(channel_merged_linear(x, st, batch, "all_groups"), want)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_channelmerge import kernels as kk
+from vllm_channelmerge.rowtable import compact_groups, from_groups
 from vllm_channelmerge.kernels import (
     ExpertBatch,
     HotExpertCache,
@@ -16,8 +17,10 @@ from vllm_channelmerge.kernels import (
     choose_strategy,
     embedding_lookup,
     prepare_layer,
+    prepare_rows,
     reference_embedding,
     reference_linear,
+    reference_rows_linear,
 )
 
 GENERAL = ["all_groups", "per_expert_gather", "majority_residual", "hot_cache"]
@@ -64,7 +67,7 @@ def check_all(x, w, gi, b, st, ids, dtype):
     batch = ExpertBatch.build(ids, gi.shape[0])
     ref = reference_linear(x, w, gi, ids, b)
     strategies = GENERAL + ["auto"]
-    if st.num_groups == 1 or (batch.single_expert is not None and st.uniform_group[batch.single_expert] >= 0):
+    if st.single_row or (batch.single_expert is not None and st.uniform_offset[batch.single_expert] >= 0):
         strategies.append("dense")
     for s in strategies:
         y = channel_merged_linear(x, st, batch, strategy=s)
@@ -98,6 +101,48 @@ def test_strategies_match_reference(case, bias, dtype):
     ids = ids_for(kind, n, t, gen)
     x = torch.randn(ids.numel(), inp, generator=gen).to(dtype)
     check_all(x, w, gi, b, st, ids, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}K{}o{}i{}T{}-{}".format(*c))
+def test_strategies_match_reference_on_row_tables(case, bias, dtype):
+    """Format v2: a row table where about a quarter of the channels have extra rows (the
+    layer's other channels one row each); every strategy against the reference."""
+    n, k, out, inp, t, kind = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()) % 1000 + 7)
+    w, gi, b, _ = make_layer(n, k, out, inp, dtype, bias, seed=t)
+    gi = (gi * (torch.rand(1, out, generator=gen) < 0.25)).to(torch.int32)  # the rest: group 0 only
+    rows, ri, rb = compact_groups(w, gi, b)
+    split = int((gi != 0).any(0).sum())
+    assert out + split <= rows.shape[0] <= out + (k - 1) * split
+    st = prepare_rows(rows, ri, rb, out, cache=HotExpertCache(budget_bytes=1 << 20))
+    assert st.groups is None and st.row_ratio == rows.shape[0] / out
+    ids = ids_for(kind, n, t, gen)
+    x = torch.randn(ids.numel(), inp, generator=gen).to(dtype)
+    check_all(x, w, gi, b, st, ids, dtype)
+    if ids.numel():
+        torch.testing.assert_close(channel_merged_linear(x, st, ExpertBatch.build(ids, n), "all_groups").float(),
+                                   reference_rows_linear(x, rows, ri, ids, rb).float(), **TOL[dtype])
+
+
+def test_row_table_of_unsplit_layer_is_one_dense_gemm():
+    """No extra rows: every expert is the primary rows, and even a mixed batch is `dense`."""
+    w, gi, _, _ = make_layer(4, 2, 16, 8, torch.float32, False)
+    rows, ri, _ = compact_groups(w, torch.zeros_like(gi))
+    st = prepare_rows(rows, ri, None, 16)
+    assert st.single_row and st.uniform_offset == [0, 0, 0, 0]
+    assert choose_strategy(ExpertBatch.build(torch.tensor([0, 1, 2, 3]), 4), st) == "dense"
+
+
+def test_prepare_rows_refuses_bad_tables():
+    rows, ri = torch.randn(10, 4), torch.zeros(2, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"row_index values must be in \[0, 10\)"):
+        prepare_rows(rows, ri + 10, None, 8, name="m")
+    with pytest.raises(ValueError, match=r"bias must be \[10\]"):
+        prepare_rows(rows, ri, torch.zeros(8), 8, name="m")
+    with pytest.raises(ValueError, match=r"rows must be \[R >= 8, in\]"):
+        prepare_rows(rows[:6], ri, None, 8, name="m")
 
 
 def test_randomised_shapes():
@@ -181,10 +226,14 @@ def test_embedding_lookup(k):
     gi = make_group_index(n, k, v, gen)
     tok = torch.randint(0, v, (30,), generator=gen)
     ids = torch.randint(0, n, (30,), generator=gen)
-    torch.testing.assert_close(embedding_lookup(tok, w, gi, ids), reference_embedding(tok, w, gi, ids))
-    assert embedding_lookup(tok[:0], w, gi, ids[:0]).shape == (0, h)
+    rows, ri = from_groups(w, gi)
+    torch.testing.assert_close(embedding_lookup(tok, rows, ri, ids), reference_embedding(tok, w, gi, ids))
+    assert embedding_lookup(tok[:0], rows, ri, ids[:0]).shape == (0, h)
     # an expert whose index says group g for a token gets exactly that group's row
-    assert torch.equal(embedding_lookup(tok[:1], w, gi, ids[:1])[0], w[gi[ids[0], tok[0]], tok[0]])
+    assert torch.equal(embedding_lookup(tok[:1], rows, ri, ids[:1])[0], w[gi[ids[0], tok[0]], tok[0]])
+    # the same table compacted to a row table (format v2): the same rows, bit for bit
+    crows, cri, _ = compact_groups(w, gi)
+    assert torch.equal(embedding_lookup(tok, crows, cri, ids), reference_embedding(tok, w, gi, ids))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +402,7 @@ def test_prefill_with_cache_keeps_the_hottest_experts():
     assert choose_strategy(batch, st) == "hot_cache"
     x = torch.randn(85, st.in_features)
     y = channel_merged_linear(x, st, batch)
-    torch.testing.assert_close(y, reference_linear(x, st.weight, st.group_index, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y, reference_rows_linear(x, st.rows, st.row_index, ids), atol=1e-4, rtol=1e-4)
     assert cache.cached_experts() == {0, 1} and cache.stats.bytes_used <= cache.budget_bytes
 
 
@@ -374,7 +423,7 @@ def test_replaced_state_without_bias_does_not_share_cache_entries():
     cache = HotExpertCache(1 << 20)
     w, gi, b, st = make_layer(4, 2, 16, 8, torch.float32, bias=True, cache=cache)
     nob = dataclasses.replace(st, bias=None)
-    assert nob.uid != st.uid and nob.bias_flat is None
+    assert nob.uid != st.uid and nob.bias is None
     x = torch.randn(3, 8)
     one = ExpertBatch.single(1, 3, 4)
     with_b = channel_merged_linear(x, st, one, "hot_cache")

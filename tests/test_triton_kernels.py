@@ -28,7 +28,8 @@ CASE_CODE = textwrap.dedent(
     """
     import torch
     from vllm_channelmerge import triton_kernels as tk
-    from vllm_channelmerge.kernels import ExpertBatch, prepare_layer, reference_linear
+    from vllm_channelmerge.kernels import ExpertBatch, prepare_layer, prepare_rows, reference_linear
+    from vllm_channelmerge.rowtable import compact_groups
 
     def run_cases(device):
         g = torch.Generator().manual_seed(0)
@@ -45,6 +46,13 @@ CASE_CODE = textwrap.dedent(
                 st = prepare_layer(w.to(device), gi.to(device), None if b is None else b.to(device))
                 y = tk.fused_gather_linear(x.to(device), st, ExpertBatch.build(ids.to(device), n))
                 tol = 1e-4 if dt == torch.float32 else 3e-2
+                torch.testing.assert_close(y.cpu().float(), ref.float(), atol=tol, rtol=tol)
+                # the same layer as a row table (format v2): most channels one row, a few split
+                gi_sparse = gi * (torch.rand(1, out, generator=g) < 0.25)
+                rows, ri, rb = compact_groups(w, gi_sparse, b)
+                st = prepare_rows(rows.to(device), ri.to(device), None if rb is None else rb.to(device), out)
+                y = tk.fused_gather_linear(x.to(device), st, ExpertBatch.build(ids.to(device), n))
+                ref = reference_linear(x, w, gi_sparse, ids, b)
                 torch.testing.assert_close(y.cpu().float(), ref.float(), atol=tol, rtol=tol)
         # non-contiguous activations
         w = torch.randn(2, 40, 24, generator=g); gi = torch.randint(0, 2, (4, 40), generator=g)

@@ -40,6 +40,7 @@ import torch
 
 from vllm_channelmerge import architectures as archs
 from vllm_channelmerge import format as fmt
+from vllm_channelmerge import rowtable
 from vllm_channelmerge import kernels
 from vllm_channelmerge import layers
 from vllm_channelmerge.context import EngineContext, token_expert_ids
@@ -185,10 +186,32 @@ def _checked_loader(layer: torch.nn.Module, method: "_MethodMixin", pname: str, 
     return loader
 
 
-def _add_param(layer: torch.nn.Module, name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> None:
+def _row_loader(method: "_MethodMixin", pname: str):
+    """Format v2: check a checkpoint tensor (shape, dtype, every row index) and place its
+    primary and extra rows in the module's row table (vLLM's own loaders are not used)."""
+
+    def loader(param: torch.nn.Parameter, loaded: torch.Tensor, *args: Any, **kwargs: Any):
+        shard = _shard_id(args, kwargs)
+        method.layout.check(method.ctx.cm.num_experts, shard, pname, loaded)
+        method.layout.load(param.data, shard, pname, loaded)
+        layers.record_shard(param, method.geom, shard)
+
+    return loader
+
+
+def _refuse_sharded(prefix: str, per_partition: tuple[int, int], full: tuple[int, int]) -> None:
+    if per_partition != full:
+        raise fmt.FormatError(
+            f"{prefix}: this checkpoint is format_version {fmt.ROW_TABLE_VERSION} (a row table, merged under a "
+            f"memory budget), which is served with tensor_parallel_size 1 only; the layer is sharded "
+            f"{per_partition} of {full}")
+
+
+def _add_param(layer: torch.nn.Module, name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> torch.nn.Parameter:
     p = torch.nn.Parameter(torch.zeros(*shape, dtype=dtype), requires_grad=False)
     _v().set_weight_attrs(p, attrs)
     layer.register_parameter(name, p)
+    return p
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,6 +225,7 @@ class _MethodMixin:
         self.prefix = prefix
         self.k = ctx.cm.groups_for(prefix)
         self.geom: Optional[layers.Geometry] = None
+        self.layout: Optional[layers.RowLayout] = None  # format v2 only
 
 
 class _LinearMethodMixin(_MethodMixin):
@@ -210,6 +234,14 @@ class _LinearMethodMixin(_MethodMixin):
         self.geom = geometry(layer, self.prefix)
         out = sum(output_partition_sizes)
         inner = extra_weight_attrs.pop("weight_loader")
+        if self.ctx.cm.row_table:
+            _refuse_sharded(self.prefix, (out, input_size_per_partition), (output_size, input_size))
+            self.layout = layers.RowLayout.of(self.geom, self.ctx.cm.extra_rows_for(self.prefix))
+            _add_param(layer, "weight", (self.layout.num_rows, input_size), params_dtype,
+                       {**extra_weight_attrs, "weight_loader": _row_loader(self, "weight")})
+            _add_param(layer, "row_index", (self.ctx.cm.num_experts, out), torch.int32,
+                       {**extra_weight_attrs, "weight_loader": _row_loader(self, "row_index")})
+            return
         _add_param(layer, "weight", (self.k, out, input_size_per_partition), params_dtype,
                    {"input_dim": 2, "output_dim": 1, **extra_weight_attrs,
                     "weight_loader": _checked_loader(layer, self, "weight", inner)})
@@ -227,11 +259,20 @@ class _LinearMethodMixin(_MethodMixin):
         if getattr(layer, "skip_bias_add", False):
             raise NotImplementedError(f"{self.prefix}: skip_bias_add is not supported by channel_merged")
         del layer.bias
-        _add_param(layer, "bias", (self.k, *b.shape), b.dtype,
-                   {"output_dim": 1, "weight_loader": _checked_loader(layer, self, "bias", layer._cm_inner_loader)})
+        if self.layout is not None:
+            _add_param(layer, "bias", (self.layout.num_rows,), b.dtype, {"weight_loader": _row_loader(self, "bias")})
+        else:
+            _add_param(layer, "bias", (self.k, *b.shape), b.dtype,
+                       {"output_dim": 1, "weight_loader": _checked_loader(layer, self, "bias", layer._cm_inner_loader)})
         layer.bias._cm_bias = True
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.layout is not None:
+            layers.check_complete(layer, self.geom, layers.ROW_PARAMS)
+            bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
+            layers.check_finite(self.prefix, layer.weight.data, bias)
+            layer._cm_prepared = layers.prepare_rows(self.ctx, self.prefix, layer.weight.data, layer.row_index.data, bias)
+            return
         layers.check_complete(layer, self.geom)
         bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
         layers.check_values(self.prefix, self.k, layer.weight.data, layer.group_index.data, bias)
@@ -252,6 +293,15 @@ class _EmbeddingMethodMixin(_MethodMixin):
         self.geom = geometry(layer, self.prefix)
         rows = sum(output_partition_sizes)
         extra_weight_attrs.pop("weight_loader", None)
+        if self.ctx.cm.row_table:
+            _refuse_sharded(self.prefix, (rows,), (output_size,))
+            self.layout = layers.RowLayout.of(self.geom, self.ctx.cm.extra_rows_for(self.prefix), out_total=rows)
+            _add_param(layer, "weight", (self.layout.num_rows, input_size_per_partition), params_dtype,
+                       {**extra_weight_attrs, "weight_loader": _row_loader(self, "weight")})
+            ri = _add_param(layer, "row_index", (self.ctx.cm.num_experts, rows), torch.int32,
+                            {**extra_weight_attrs, "weight_loader": _row_loader(self, "row_index")})
+            self.layout.init_index(ri.data)
+            return
         _add_param(layer, "weight", (self.k, rows, input_size_per_partition), params_dtype,
                    {"input_dim": 2, "output_dim": 1, **extra_weight_attrs,
                     "weight_loader": _checked_loader(layer, self, "weight", _vocab_loader(layer))})
@@ -261,24 +311,37 @@ class _EmbeddingMethodMixin(_MethodMixin):
 
     def tie_weights(self, layer, embed_tokens):
         layer.weight = embed_tokens.weight
-        layer.group_index = embed_tokens.group_index
+        index = "row_index" if self.ctx.cm.row_table else "group_index"
+        setattr(layer, index, getattr(embed_tokens, index))
         layer._cm_tied_to = embed_tokens
         return layer
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if getattr(layer, "_cm_tied_to", None) is not None:
             return  # checked and prepared through the embedding it is tied to
+        if self.layout is not None:
+            layers.check_complete(layer, self.geom, ("weight", "row_index"))
+            layers.check_finite(self.prefix, layer.weight.data, None)
+            layer._cm_table = (layer.weight.data, layer.row_index.data.long(), None)
+            return
         layers.check_complete(layer, self.geom, ("weight", "group_index"))
         layers.check_values(self.prefix, self.k, layer.weight.data, layer.group_index.data, None)
+        layer._cm_table = (*rowtable.from_groups(layer.weight.data, layer.group_index.data), self.k)
+
+    @staticmethod
+    def _table(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """The layer's (rows, row_index, K of v1 groups or None), or the embedding's it is tied to."""
+        return getattr(layer, "_cm_tied_to", layer)._cm_table
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
-        return layers.embedding(self.ctx, layer.weight, layer.group_index, input_)
+        return layers.embedding(self.ctx, *self._table(layer)[:2], input_)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         prepared = getattr(layer, "_cm_prepared", None)
         if prepared is None:  # lm_head (maybe tied): no hot cache, all rows kept
-            prepared = layer._cm_prepared = layers.prepare(
-                self.ctx, self.prefix, layer.weight.data, layer.group_index.data, None, use_cache=False)
+            rows, row_index, groups = self._table(layer)
+            prepared = layer._cm_prepared = layers.prepare_rows(self.ctx, self.prefix, rows, row_index, None,
+                                                                use_cache=False, groups=groups)
         return layers.lm_head(self.ctx, prepared.with_bias, x, bias)
 
 

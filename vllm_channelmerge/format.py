@@ -1,4 +1,4 @@
-"""Checkpoint format v1: the single source of truth shared by the merge tool and the plugin.
+"""Checkpoint formats v1 and v2: the single source of truth shared by the merge tool and the plugin.
 
 Importable without vLLM (and without torch). Everything that names a tensor, a config
 field or a file of a channel-merged checkpoint is defined here and nowhere else.
@@ -20,6 +20,14 @@ channel's largest group (runtime strategies rely on this). Other tensors (norms)
 as in a plain HF checkpoint, except an *expert norm* (the final norm): stored as ones, with
 each expert's weight in ``<norm>.expert_weight`` ``[N, hidden]``, applied by the runtime to
 the rows given to the lm_head, so that a tied lm_head stays tied (and stored once).
+
+Format v2 (a *row table*, written by a merge under a memory budget) stores each channel-merged
+tensor as ``X.weight`` ``[R, in]``: rows ``0..out-1`` are each channel's *primary* row (its
+largest group, as group 0 in v1) and the ``R - out`` *extra* rows follow, ordered by channel;
+``X.row_index`` ``[N, out]`` (int32) gives the row expert ``n``'s channel ``c`` uses (``c``
+itself, or an extra row of channel ``c``), ``X.bias`` (if any) is ``[R]``.
+``quantization_config.extra_rows`` gives ``R - out`` per module. A v1 checkpoint is the special
+case ``R = K * out``, ``row_index = group_index * out + channel``.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from typing import Any, Mapping
 
 from vllm_channelmerge import architectures as archs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # groups: what a merge without a memory budget writes
+ROW_TABLE_VERSION = 2  # row table: what a merge under a memory budget writes
+FORMAT_VERSIONS = (FORMAT_VERSION, ROW_TABLE_VERSION)
 QUANT_METHOD = "channel_merged"
 
 CONFIG_FILE = "config.json"
@@ -48,6 +58,8 @@ ROUTER_DIR = "router"
 
 GROUP_INDEX_SUFFIX = ".group_index"  # never ".g_idx": vLLM's loaders drop that suffix
 GROUP_INDEX_DTYPE = "int32"
+ROW_INDEX_SUFFIX = ".row_index"  # v2; same dtype as group_index
+INDEX_SUFFIXES = (GROUP_INDEX_SUFFIX, ROW_INDEX_SUFFIX)
 EXPERT_WEIGHT_SUFFIX = ".expert_weight"
 # Norms a checkpoint may keep per expert (`expert_norms`): the runtime applies them right
 # before the lm_head, which is only correct for the final norm.
@@ -123,6 +135,17 @@ def group_index_name(tensor_name: str) -> str:
     return mod + GROUP_INDEX_SUFFIX
 
 
+def row_index_name(tensor_name: str) -> str:
+    """`X.weight` (or `X.bias`, or the module `X`) -> `X.row_index` (format v2)."""
+    mod = module_of(tensor_name) if tensor_name.endswith((".weight", ".bias")) else tensor_name
+    return mod + ROW_INDEX_SUFFIX
+
+
+def index_name(tensor_name: str, format_version: int) -> str:
+    """The index tensor of a channel tensor: `group_index` (v1) or `row_index` (v2)."""
+    return row_index_name(tensor_name) if format_version == ROW_TABLE_VERSION else group_index_name(tensor_name)
+
+
 def expert_norm_name(norm_module: str) -> str:
     """`model.norm` -> `model.norm.expert_weight` (`[N, hidden]`, one row per expert)."""
     return norm_module + EXPERT_WEIGHT_SUFFIX
@@ -159,6 +182,20 @@ class ChannelMergedConfig:
     num_groups_overrides: dict[str, int] = field(default_factory=dict)
     # The expert that serves a request naming none; None (the default) refuses such requests.
     default_expert: str | None = None
+    # Format v2 only: extra rows (R - out) per channel-merged module, keyed by HF module name;
+    # a module not listed has none (every channel one row).
+    extra_rows: dict[str, int] = field(default_factory=dict)
+    # Format v2 only, informative: the budget the merge met (e.g. {"params_ratio": 0.35, ...}).
+    budget: dict[str, Any] | None = None
+
+    @property
+    def row_table(self) -> bool:
+        """Whether tensors are stored as a row table (format v2) rather than K groups (v1)."""
+        return self.format_version == ROW_TABLE_VERSION
+
+    def extra_rows_for(self, module_prefix: str) -> list[int]:
+        """Extra rows of each HF module behind a (possibly vLLM-fused) module prefix (v2)."""
+        return [self.extra_rows.get(m, 0) for m in fused_constituents(module_prefix)]
 
     @property
     def num_experts(self) -> int:
@@ -195,9 +232,10 @@ class ChannelMergedConfig:
         if d.get("quant_method") != QUANT_METHOD:
             raise FormatError(f"{where}.quant_method is {d.get('quant_method')!r}, expected {QUANT_METHOD!r}")
         ver = d.get("format_version")
-        if ver != FORMAT_VERSION:
+        if ver not in FORMAT_VERSIONS or isinstance(ver, bool):
             raise FormatError(
-                f"{where}.format_version is {ver!r}; this build reads format_version {FORMAT_VERSION}"
+                f"{where}.format_version is {ver!r}; this build reads format_version "
+                f"{' or '.join(map(str, FORMAT_VERSIONS))}"
             )
         experts = d.get("experts")
         if not isinstance(experts, list):
@@ -221,6 +259,15 @@ class ChannelMergedConfig:
         if not isinstance(en, list) or any(m not in EXPERT_NORM_MODULES for m in en):
             raise FormatError(f"{where}.expert_norms is {en!r}; this build supports only "
                               f"{list(EXPERT_NORM_MODULES)}")
+        extra = d.get("extra_rows") or {}
+        if extra and ver != ROW_TABLE_VERSION:
+            raise FormatError(f"{where}.extra_rows is set but format_version is {ver}; extra rows exist "
+                              f"only in format_version {ROW_TABLE_VERSION}")
+        if not isinstance(extra, Mapping):
+            raise FormatError(f"{where}.extra_rows must be an object (module name -> extra rows)")
+        for name, r in extra.items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+                raise FormatError(f"{where}.extra_rows[{name!r}] is {r!r}; expected an integer >= 0")
         known = {f.name for f in cls.__dataclass_fields__.values()}  # type: ignore[attr-defined]
         return cls(**{k_: v for k_, v in d.items() if k_ in known})
 
@@ -277,22 +324,32 @@ def read_checkpoint_config(model_dir: str | os.PathLike) -> ChannelMergedConfig:
 
 
 def expected_shapes(
-    tensor_name: str, base_shape: tuple[int, ...], num_groups: int, num_experts: int
+    tensor_name: str, base_shape: tuple[int, ...], num_groups: int, num_experts: int,
+    extra_rows: int | None = None,
 ) -> dict[str, tuple[int, ...]]:
-    """Stored tensor names and shapes for one base tensor (the plugin validates against this)."""
+    """Stored tensor names and shapes for one base tensor (the plugin validates against this).
+
+    ``extra_rows`` None: format v1 (``[K, *base_shape]`` + ``group_index``); an int: format v2
+    (``[out + extra_rows, *rest]`` + ``row_index``).
+    """
     if not is_channel_tensor(tensor_name):
         return {tensor_name: tuple(base_shape)}
-    out = {tensor_name: (num_groups, *base_shape)}
+    if extra_rows is None:
+        out = {tensor_name: (num_groups, *base_shape)}
+        if tensor_name.endswith(".weight"):
+            out[group_index_name(tensor_name)] = (num_experts, base_shape[0])
+        return out
+    out = {tensor_name: (base_shape[0] + extra_rows, *base_shape[1:])}
     if tensor_name.endswith(".weight"):
-        out[group_index_name(tensor_name)] = (num_experts, base_shape[0])
+        out[row_index_name(tensor_name)] = (num_experts, base_shape[0])
     return out
 
 
 def stored_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    """Parameters stored in a checkpoint, not counting group indices (from index shapes)."""
+    """Parameters stored in a checkpoint, not counting group / row indices (from index shapes)."""
     total = 0
     for name, shape in shapes.items():
-        if name.endswith(GROUP_INDEX_SUFFIX):
+        if name.endswith(INDEX_SUFFIXES):
             continue
         n = 1
         for s in shape:
@@ -301,9 +358,9 @@ def stored_params(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return total
 
 
-def shard_metadata(experts: list[str]) -> dict[str, str]:
+def shard_metadata(experts: list[str], format_version: int = FORMAT_VERSION) -> dict[str, str]:
     """The `__metadata__` every shard of a merged checkpoint carries (safetensors: str -> str)."""
-    return {SHARD_FORMAT_KEY: str(FORMAT_VERSION), SHARD_EXPERTS_KEY: json.dumps(list(experts))}
+    return {SHARD_FORMAT_KEY: str(format_version), SHARD_EXPERTS_KEY: json.dumps(list(experts))}
 
 
 def read_safetensors_header(path: str) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Compute kernels for channel-merged linear layers (pure PyTorch, no vLLM import).
 
-A channel-merged layer stores ``weight[K, out, in]`` (K groups), ``group_index[N, out]``
-(expert ``n``'s output channel ``c`` uses row ``weight[group_index[n, c], c]``) and optionally
-``bias[K, out]``. A batch mixes experts token by token (``expert_ids[T]``). Every function here
-computes ``y[t] = x[t] @ W_{e(t)}^T (+ b_{e(t)})`` with ``W_e[c] = weight[group_index[e, c], c]``
-without materialising the N dense weights.
+A channel-merged layer is a row table: ``rows[R, in]``, ``row_index[N, out]`` (expert ``n``'s
+output channel ``c`` uses ``rows[row_index[n, c]]``; rows ``0..out-1`` are the channels'
+primary rows) and optionally ``bias[R]`` (format v2). A format v1 layer (``weight[K, out, in]``,
+``group_index[N, out]``, ``bias[K, out]``) is the row table ``R = K*out``, ``row_index =
+group_index*out + c``, taken without a copy (:func:`prepare_layer`). A batch mixes experts token
+by token (``expert_ids[T]``). Every function here computes ``y[t] = x[t] @ W_{e(t)}^T (+ b)``
+with ``W_e[c] = rows[row_index[e, c]]`` without materialising the N dense weights.
 
 Per forward step the integration builds one :class:`ExpertBatch` from the per-token expert ids
 (and one more from the per-request ids for lm_head); every layer reuses it. Per layer, once at
@@ -16,16 +18,17 @@ which picks a strategy with :func:`choose_strategy`.
 
 Strategies (all return exactly what :func:`reference_linear` returns, up to float rounding):
 
-* ``dense``             -- K == 1, or the batch is one expert whose channels all sit in one
-                           group: one prepacked GEMM on that group.
-* ``all_groups``        -- one prepacked GEMM against all K groups (``[T, K*out]``), then a
-                           per-(token, channel) select. K x the FLOPs of a dense layer, but
-                           one pass over the weights: best for small mixed (decode) batches.
+* ``dense``             -- K == 1, or the batch is one expert whose rows are contiguous (one
+                           group; the primary rows): one prepacked GEMM on them.
+* ``all_groups``        -- one prepacked GEMM against every stored row (``[T, R]``), then a
+                           per-(token, channel) select. R/out x the FLOPs of a dense layer (K
+                           for v1, 1 + extra/out for a row table), one pass over the weights:
+                           best for small mixed (decode) batches.
 * ``per_expert_gather`` -- gather each present expert's dense rows, one (plain) GEMM per expert
                            segment: best when there are many tokens per expert (prefill).
                            Long runs of one expert (vLLM's prefills) are computed in place.
-* ``majority_residual`` -- prepacked GEMM with group 0 (each channel's largest group) for all
-                           tokens, then per expert only its rows outside group 0, on its own
+* ``majority_residual`` -- prepacked GEMM with the primary rows (each channel's largest group)
+                           for all tokens, then per expert only its other rows, on its own
                            tokens: cost ~ 1 + the fraction of differing rows.
 * ``hot_cache``         -- per-expert GEMMs on dense copies kept by a :class:`HotExpertCache`
                            (a global byte budget across layers), prepacked when admitted; a
@@ -43,6 +46,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .rowtable import from_groups
+
 __all__ = [
     "STRATEGIES",
     "CacheStats",
@@ -59,8 +64,10 @@ __all__ = [
     "majority_residual",
     "per_expert_gather",
     "prepare_layer",
+    "prepare_rows",
     "reference_embedding",
     "reference_linear",
+    "reference_rows_linear",
     "strategy_costs",
     "triton_fused",
 ]
@@ -180,7 +187,8 @@ def reference_linear(
     expert_ids: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Obviously-right oracle: materialise each token's own weight rows, then a batched matvec.
+    """Obviously-right oracle (format v1: ``weight [K, out, in]``, ``group_index``, ``bias
+    [K, out]``): materialise each token's own weight rows, then a batched matvec.
 
     Memory ``T * out * in``; for tests only.
     """
@@ -196,13 +204,33 @@ def reference_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
 
+def reference_rows_linear(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    expert_ids: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The oracle for a row table (format v2: ``rows [R, in]``, ``row_index [N, out]``, ``bias
+    [R]``): each token's own rows, then a batched matvec. For tests only."""
+    out, inp = row_index.shape[1], rows.shape[1]
+    x2 = x.reshape(-1, inp)
+    eid = expert_ids.reshape(-1).long().to(rows.device)
+    sel = row_index.long().to(rows.device)[eid]  # [T, out]: row of (token, channel)
+    y = torch.einsum("ti,toi->to", x2.to(torch.float32), rows[sel].to(torch.float32))
+    if bias is not None:
+        y = y + bias[sel].to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
 def reference_embedding(
     token_ids: torch.Tensor,
     weight: torch.Tensor,
     group_index: torch.Tensor,
     expert_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Oracle for :func:`embedding_lookup`: build each expert's dense table, then index it."""
+    """Oracle for :func:`embedding_lookup` on a v1 table ``[K, V, H]``: build each expert's
+    dense table, then index it."""
     n = group_index.shape[0]
     rows = torch.arange(weight.shape[1], device=weight.device)
     tables = torch.stack([weight[group_index[e].long(), rows] for e in range(n)])  # [N, V, H]
@@ -339,50 +367,57 @@ class ExpertBatch:
 class LayerState:
     """Everything a layer's strategies need, computed once at load (process_weights_after_loading).
 
-    Holds references to (not copies of) the stored weight and bias, plus index tables:
-    ``flat_index[e, c] = group_index[e, c] * out + c`` (row of ``weight_flat``),
-    ``uniform_group[e]`` (the one group expert ``e`` uses everywhere, else -1),
-    ``residual_rows[e]`` / ``residual_flat[e]`` (channels where ``e`` leaves group 0 and their
-    rows), and ``residual_fraction[e]``.
+    The layer is a row table (format v2; a v1 layer is converted without copying, see
+    :func:`prepare_layer`): ``rows [R, in]``, ``row_index [N, out]`` (expert ``e``'s channel ``c``
+    is ``rows[row_index[e, c]]``; rows ``0..out-1`` are the channels' primary rows, v1's group 0)
+    and ``bias [R]`` or None. Holds references to (not copies of) the stored tensors, plus tables:
+    ``uniform_offset[e]`` (``s`` when expert ``e``'s rows are the contiguous slice
+    ``rows[s:s+out]``, else -1), ``residual_rows[e]`` / ``residual_flat[e]`` (channels where ``e``
+    leaves its primary row, and the rows it uses there) and ``residual_fraction[e]``.
+    ``groups`` is K when the rows are v1's K whole groups (``row_index = g*out + c``), else None.
     """
 
-    weight: torch.Tensor  # [K, out, in]
-    group_index: torch.Tensor  # [N, out] int64
-    bias: Optional[torch.Tensor]  # [K, out]
-    flat_index: torch.Tensor  # [N, out] int64
-    uniform_group: list[int]
+    rows: torch.Tensor  # [R, in]
+    row_index: torch.Tensor  # [N, out] int64
+    bias: Optional[torch.Tensor]  # [R]
+    out_features: int
+    groups: Optional[int]
+    uniform_offset: list[int]
     residual_rows: list[torch.Tensor]
     residual_flat: list[torch.Tensor]
     residual_fraction: list[float]
     cache: Optional["HotExpertCache"] = None
     name: str = ""
     gemm: GemmFactory = field(default=TORCH_GEMM, repr=False)
-    # Prepacked GEMMs of the stored weight (no bias: it is passed per call), keyed by what they
-    # hold; shared with the states dataclasses.replace derives (same weight, other bias).
+    # Prepacked GEMMs of the stored rows (no bias: it is passed per call), keyed by what they
+    # hold; shared with the states dataclasses.replace derives (same rows, other bias).
     packs: dict = field(default_factory=dict, repr=False)
     uid: int = field(default_factory=lambda: next(_ids), init=False)  # fresh on dataclasses.replace
 
     @property
-    def num_groups(self) -> int:
-        return self.weight.shape[0]
+    def num_rows(self) -> int:
+        return self.rows.shape[0]
 
     @property
     def num_experts(self) -> int:
-        return self.group_index.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[1]
+        return self.row_index.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[2]
+        return self.rows.shape[1]
+
+    @property
+    def row_ratio(self) -> float:
+        """Stored rows per channel (K for v1 groups; 1 + extra/out for a row table)."""
+        return self.num_rows / max(1, self.out_features)
+
+    @property
+    def single_row(self) -> bool:
+        """Every channel has one row (K == 1): every expert computes the same dense layer."""
+        return self.num_rows == self.out_features
 
     def __post_init__(self) -> None:
-        # flat views, made once: a per-call reshape costs microseconds on every layer
-        self.weight_flat = self.weight.view(-1, self.weight.shape[2])  # [K*out, in]
-        self.bias_flat = None if self.bias is None else self.bias.view(-1)  # [K*out]
-        self.cost_model = self.gemm.cost_model(self.weight.dtype, self.weight.device)
+        self.cost_model = self.gemm.cost_model(self.rows.dtype, self.rows.device)
 
     @property
     def dense_bytes(self) -> int:
@@ -390,54 +425,59 @@ class LayerState:
         b = self.out_features * self.in_features
         if self.bias is not None:
             b += self.out_features
-        return b * self.weight.element_size()
+        return b * self.rows.element_size()
+
+    def slice_bias(self, s: int) -> Optional[torch.Tensor]:
+        return None if self.bias is None else self.bias[s : s + self.out_features]
 
     def expert_weight(self, e: int) -> tuple[torch.Tensor, Optional[torch.Tensor], bool]:
         """Expert ``e``'s dense ``(weight [out,in], bias [out])`` and whether it is a copy.
 
-        A view of one group when all of ``e``'s channels sit in it (no copy), else a gather.
+        A view of a contiguous slice of rows (v1: one group) when ``e`` uses one, else a gather.
         """
-        g = self.uniform_group[e]
-        if g >= 0:
-            return self.weight[g], (None if self.bias is None else self.bias[g]), False
-        idx = self.flat_index[e]
-        w = self.weight_flat.index_select(0, idx)
-        b = None if self.bias is None else self.bias_flat.index_select(0, idx)
+        s = self.uniform_offset[e]
+        if s >= 0:
+            return self.rows[s : s + self.out_features], self.slice_bias(s), False
+        idx = self.row_index[e]
+        w = self.rows.index_select(0, idx)
+        b = None if self.bias is None else self.bias.index_select(0, idx)
         return w, b, True
 
-    # -- prepacked GEMMs on the stored weight ---------------------------------------------------
-    def group_gemm(self, g: int) -> GemmFn:
-        """GEMM on group ``g``'s rows ``weight[g]`` (prepacked on first use; 0 at load)."""
-        fn = self.packs.get(g)
+    # -- prepacked GEMMs on the stored rows -----------------------------------------------------
+    def slice_gemm(self, s: int) -> GemmFn:
+        """GEMM on the contiguous rows ``rows[s:s+out]`` (prepacked on first use; the primary
+        rows, ``s = 0``, at load)."""
+        fn = self.packs.get(s)
         if fn is None:
-            fn = self.packs[g] = self.gemm.prepack(self.weight[g])
+            fn = self.packs[s] = self.gemm.prepack(self.rows[s : s + self.out_features])
         return fn
 
-    def all_groups_gemm(self) -> GemmFn:
-        """GEMM on all K groups at once, ``weight_flat [K*out, in]`` (prepacked at load)."""
-        if self.num_groups == 1:
-            return self.group_gemm(0)
+    def rows_gemm(self) -> GemmFn:
+        """GEMM on every stored row at once, ``rows [R, in]`` (prepacked at load)."""
+        if self.single_row:
+            return self.slice_gemm(0)
         fn = self.packs.get("all")
         if fn is None:
-            fn = self.packs["all"] = self.gemm.prepack(self.weight_flat)
+            fn = self.packs["all"] = self.gemm.prepack(self.rows)
         return fn
 
     def select_masks(self) -> Optional[list[torch.Tensor]]:
-        """Per group g >= 1, ``[N, out]`` 1.0 where expert e's channel c is in group g, in the
-        weight's dtype (``all_groups`` selects with them); None where a stray Inf from a group a
-        token does not use could turn into NaN (float16: then the int64 gather is used)."""
-        if self.weight.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        """For v1 groups only: per group g >= 1, ``[N, out]`` 1.0 where expert e's channel c is in
+        group g, in the rows' dtype (``all_groups`` selects with them); None for a row table, or
+        where a stray Inf from a group a token does not use could turn into NaN (float16): then
+        the int64 gather is used."""
+        if self.groups is None or self.rows.dtype not in (torch.float32, torch.bfloat16, torch.float64):
             return None
         m = self.packs.get("masks")
         if m is None:
-            gi = self.group_index
-            m = self.packs["masks"] = [(gi == g).to(self.weight.dtype) for g in range(1, self.num_groups)]
+            gi = self.row_index // max(1, self.out_features)
+            m = self.packs["masks"] = [(gi == g).to(self.rows.dtype) for g in range(1, self.groups)]
         return m
 
     def prepack(self) -> "LayerState":
-        """Pack what every strategy may need, once, at load: all groups and group 0."""
-        self.group_gemm(0)
-        self.all_groups_gemm()
+        """Pack what every strategy may need, once, at load: all rows and the primary rows."""
+        self.slice_gemm(0)
+        self.rows_gemm()
         return self
 
 
@@ -450,13 +490,8 @@ def prepare_layer(
     name: str = "",
     gemm: Optional[GemmFactory] = None,
 ) -> LayerState:
-    """Validate a layer's tensors and precompute its index tables (call once, at load).
-
-    ``weight`` must be ``[K, out, in]`` and ``group_index`` ``[N, out]`` with values in
-    ``[0, K)``; ``bias`` (optional) ``[K, out]``. Index tables go to the weight's device.
-    ``gemm`` (default: plain ``F.linear``) prepacks the all-groups and group-0 weights here,
-    once; other groups' views when a strategy first needs them, hot-cache copies when admitted.
-    """
+    """A format v1 layer (``weight [K, out, in]``, ``group_index [N, out]`` in ``[0, K)``,
+    ``bias [K, out]``) as the row table it is (``R = K*out``, no copy): :func:`prepare_rows`."""
     if weight.dim() != 3:
         raise ValueError(f"{name or 'layer'}: weight must be [K, out, in], got {tuple(weight.shape)}")
     k, out, _ = weight.shape
@@ -466,27 +501,62 @@ def prepare_layer(
         )
     if bias is not None and tuple(bias.shape) != (k, out):
         raise ValueError(f"{name or 'layer'}: bias must be [{k}, {out}], got {tuple(bias.shape)}")
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    dev = weight.device
-    gi = group_index.to(device=dev, dtype=torch.long)
+    gi = group_index.to(device=weight.device, dtype=torch.long)
     if gi.numel() and (int(gi.min()) < 0 or int(gi.max()) >= k):
         raise ValueError(f"{name or 'layer'}: group_index values must be in [0, {k})")
+    weight = weight.contiguous()
+    rows, row_index = from_groups(weight, gi)
+    return prepare_rows(rows, row_index, None if bias is None else bias.contiguous().reshape(-1), out,
+                        cache=cache, name=name, gemm=gemm, groups=k)
+
+
+def prepare_rows(
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_features: int,
+    *,
+    cache: Optional["HotExpertCache"] = None,
+    name: str = "",
+    gemm: Optional[GemmFactory] = None,
+    groups: Optional[int] = None,
+) -> LayerState:
+    """Validate a row-table layer and precompute its index tables (call once, at load).
+
+    ``rows [R, in]``, ``row_index [N, out]`` with values in ``[0, R)``, ``bias [R]`` (optional).
+    ``groups``: K when the rows are K whole groups of ``out`` rows (v1), for the mask select.
+    Index tables go to the rows' device. ``gemm`` (default: plain ``F.linear``) prepacks the
+    all-rows and primary-rows weights here, once; other slices when a strategy first needs
+    them, hot-cache copies when admitted.
+    """
+    where = name or "layer"
+    if rows.dim() != 2 or rows.shape[0] < out_features:
+        raise ValueError(f"{where}: rows must be [R >= {out_features}, in], got {tuple(rows.shape)}")
+    if row_index.dim() != 2 or row_index.shape[1] != out_features:
+        raise ValueError(f"{where}: row_index must be [N, {out_features}], got {tuple(row_index.shape)}")
+    r = rows.shape[0]
+    if bias is not None and tuple(bias.shape) != (r,):
+        raise ValueError(f"{where}: bias must be [{r}], got {tuple(bias.shape)}")
+    rows = rows.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    dev = rows.device
+    idx = row_index.to(device=dev, dtype=torch.long).contiguous()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= r):
+        raise ValueError(f"{where}: row_index values must be in [0, {r})")
+    out = out_features
     chan = torch.arange(out, device=dev)
-    flat = gi * out + chan
-    n = gi.shape[0]
-    gmin = gi.min(dim=1).values.tolist() if out else [0] * n
-    gmax = gi.max(dim=1).values.tolist() if out else [0] * n
-    uniform = [a if a == b else -1 for a, b in zip(gmin, gmax)]
+    n = idx.shape[0]
+    offs = idx - chan  # constant s per expert iff it uses the contiguous rows [s, s+out)
+    omin = offs.min(dim=1).values.tolist() if out else [0] * n
+    omax = offs.max(dim=1).values.tolist() if out else [0] * n
+    uniform = [a if a == b else -1 for a, b in zip(omin, omax)]
     res_rows, res_flat, res_frac = [], [], []
     for e in range(n):  # once per layer at load, over experts (not tokens)
-        rows = torch.nonzero(gi[e] != 0).flatten()
-        res_rows.append(rows)
-        res_flat.append(flat[e].index_select(0, rows))
-        res_frac.append(rows.numel() / out if out else 0.0)
-    st = LayerState(weight, gi, bias, flat, uniform, res_rows, res_flat, res_frac, cache, name,
+        rr = torch.nonzero(idx[e] != chan).flatten()
+        res_rows.append(rr)
+        res_flat.append(idx[e].index_select(0, rr))
+        res_frac.append(rr.numel() / out if out else 0.0)
+    st = LayerState(rows, idx, bias, out, groups, uniform, res_rows, res_flat, res_frac, cache, name,
                     gemm=gemm or TORCH_GEMM)
     return st.prepack()
 
@@ -574,7 +644,7 @@ class HotExpertCache:
 
     def contains(self, state: LayerState, expert: int) -> bool:
         """Whether a dense weight is available without a gather (peek: no stats)."""
-        return state.uniform_group[expert] >= 0 or (state.uid, expert) in self._entries
+        return state.uniform_offset[expert] >= 0 or (state.uid, expert) in self._entries
 
     def cached_experts(self) -> set[int]:
         return {e for _, e in self._entries}
@@ -611,10 +681,10 @@ class HotExpertCache:
             self.stats.hits += 1
             self._last_use[key] = self._tick
             return ent[3], ent[1], ent[0]
-        g = state.uniform_group[expert]
-        if g >= 0:  # a view of one group: as good as a hit, costs nothing
+        s = state.uniform_offset[expert]
+        if s >= 0:  # a view of contiguous rows (v1: one group): as good as a hit, costs nothing
             self.stats.hits += 1
-            return state.group_gemm(g), (None if state.bias is None else state.bias[g]), state.weight[g]
+            return state.slice_gemm(s), state.slice_bias(s), state.rows[s : s + state.out_features]
         w, b, _ = state.expert_weight(expert)
         self.stats.misses += 1
         if admit:
@@ -666,40 +736,38 @@ def _flat2d(x: torch.Tensor, state: LayerState) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, state.in_features)
 
 
-def _bias(state: LayerState, g: int) -> Optional[torch.Tensor]:
-    return None if state.bias is None else state.bias[g]
-
-
 def dense(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """One prepacked GEMM for K == 1 or a one-expert batch whose rows are one group's view."""
+    """One prepacked GEMM for K == 1 or a one-expert batch whose rows are contiguous (v1: one
+    group; v2: the primary rows)."""
     e = batch.single_expert if batch.single_expert is not None else 0
-    if state.num_groups != 1 and batch.num_present > 1:
+    if not state.single_row and batch.num_present > 1:
         raise ValueError("dense strategy needs K == 1 or a single-expert batch")
-    g = 0 if state.num_groups == 1 else state.uniform_group[e]
-    if g < 0:
+    s = 0 if state.single_row else state.uniform_offset[e]
+    if s < 0:
         raise ValueError(f"dense strategy: expert {e} mixes groups; use hot_cache or a gather")
-    return state.group_gemm(g)(_flat2d(x, state), _bias(state, g))
+    return state.slice_gemm(s)(_flat2d(x, state), state.slice_bias(s))
 
 
 def all_groups(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """One GEMM against all K groups (prepacked ``[K*out, in]``), then pick each (token,
-    channel)'s group.
+    """One GEMM against every stored row (prepacked ``[R, in]``: v1's K groups, or v2's primary
+    rows followed by the extra rows), then pick each (token, channel)'s row.
 
-    Reads the weights once; K x the FLOPs and output of a dense layer. Best for decode.
+    Reads the weights once; R/out x the FLOPs and output of a dense layer (1 + extra/out for a
+    row table: it pays only for the rows that exist). Best for decode.
     """
     x2 = _flat2d(x, state)
-    k = state.num_groups
-    if k == 1:
-        return state.all_groups_gemm()(x2, state.bias_flat)
-    # [T, K*out], bias folded in, into a buffer the step's layers share (read only below): a
+    if state.single_row:
+        return state.rows_gemm()(x2, state.bias)
+    # [T, R], bias folded in, into a buffer the step's layers share (read only below): a
     # fresh allocation per layer costs as much as the select on decode-sized batches
-    shape = (x2.shape[0], k * state.out_features)
+    shape = (x2.shape[0], state.num_rows)
     y_all = batch.scratch(("all_groups", shape, x2.dtype), lambda: x2.new_empty(shape))
-    state.all_groups_gemm()(x2, state.bias_flat, out=y_all)
+    state.rows_gemm()(x2, state.bias, out=y_all)
     masks = state.select_masks()
     if masks is None:
-        sel = state.flat_index.index_select(0, batch.expert_ids)  # [T, out] rows of y_all
+        sel = state.row_index.index_select(0, batch.expert_ids)  # [T, out] columns of y_all
         return y_all.gather(1, sel)
+    k = state.groups
     # lerp(a, b, w) is exactly a at w = 0 and exactly b at w = 1 (torch computes b - (b-a)*(1-w)
     # for w >= 0.5), and reads a [T, out] mask in the activations' dtype instead of an int64
     # index: 1.5-3x cheaper than the gather at prefill sizes.
@@ -738,9 +806,9 @@ def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cach
     def gemm(e: int) -> tuple[GemmFn, Optional[torch.Tensor]]:
         if cache is not None:
             return cache.get_gemm(state, e)
-        g = state.uniform_group[e]
-        if g >= 0:
-            return state.group_gemm(g), _bias(state, g)
+        s = state.uniform_offset[e]
+        if s >= 0:
+            return state.slice_gemm(s), state.slice_bias(s)
         w, b, _ = state.expert_weight(e)
         return torch_linear(w), b
 
@@ -770,16 +838,16 @@ def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cach
 
 
 def majority_residual(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
-    """Dense GEMM with group 0 (prepacked) for every token, then per expert only its
-    non-group-0 rows (gathered per call: the plain path).
+    """Dense GEMM with the primary rows (v1's group 0; prepacked) for every token, then per
+    expert only its other rows (gathered per call: the plain path).
 
     Cost ~ (1 + residual fraction) dense layers when the groups are lopsided.
     """
     x2 = _flat2d(x, state)
-    y = state.group_gemm(0)(x2, _bias(state, 0))
-    if state.num_groups == 1 or batch.num_tokens == 0:
+    y = state.slice_gemm(0)(x2, state.slice_bias(0))
+    if state.single_row or batch.num_tokens == 0:
         return y
-    wf, bf = state.weight_flat, state.bias_flat
+    wf, bf = state.rows, state.bias
     for e, seg in zip(batch.experts, batch.segments):
         rows = state.residual_rows[e]
         if rows.numel() == 0:
@@ -901,14 +969,14 @@ def strategy_costs(
 
     dense(t)          = 1 + a*t                            (a = flop_per_token, L = launch)
     packed(t)         = p * dense(t)                       (p = packed: a prepacked weight)
-    all_groups        = K * packed(T) + L + (K - 1) * select * T / in
+    all_groups        = K * packed(T) + L + (K - 1) * select * T / in   (K = rows / out)
     per_expert_gather = sum_e [gather_e + dense(t_e) + L]; a one-group expert: packed(t_e) + L
     hot_cache         = per_expert_gather with packed(t_e) + L for experts already cached
     majority_residual = packed(T) + L + sum_e [r_e * (gather + dense(t_e) + scatter * t_e / in) + L]
                         (experts with r_e > 0)
     """
     cost = cost or state.cost_model
-    a, k, t, p = cost.flop_per_token, state.num_groups, batch.num_tokens, cost.packed
+    a, k, t, p = cost.flop_per_token, state.row_ratio, batch.num_tokens, cost.packed
     lc = cost.launch(state)
     per_in = 1.0 / max(1, state.in_features)
 
@@ -920,7 +988,7 @@ def strategy_costs(
     for e, n in zip(batch.experts, batch.counts):
         plain = cost.gather + d(n) + lc
         packed = p * d(n) + lc
-        uni = state.uniform_group[e] >= 0
+        uni = state.uniform_offset[e] >= 0
         pe += packed if uni else plain
         cached = uni or (state.cache is not None and state.cache.contains(state, e))
         hc += packed if cached else plain
@@ -939,7 +1007,7 @@ def choose_strategy(
 ) -> str:
     """Pick a strategy from the batch composition (a cheap rule, no timing).
 
-    1. K == 1, or one expert whose channels all sit in one group -> ``dense``.
+    1. K == 1, or one expert whose rows are contiguous (one group; the primary rows) -> ``dense``.
     2. One expert with a hot cache that holds it or would admit it -> ``hot_cache`` (hits are
        one prepacked GEMM; a miss gathers once and keeps the copy, so the next steps hit).
     3. CUDA with Triton and a mixed decode batch (<= 64 tokens per expert) -> ``triton``.
@@ -947,10 +1015,10 @@ def choose_strategy(
     """
     st = layer_meta
     cost = cost or st.cost_model
-    if batch.num_tokens == 0 or st.num_groups == 1:
+    if batch.num_tokens == 0 or st.single_row:
         return "dense"
     single = batch.single_expert
-    if single is not None and st.uniform_group[single] >= 0:
+    if single is not None and st.uniform_offset[single] >= 0:
         return "dense"
     if single is not None and st.cache is not None:
         st.cache.observe(batch)
@@ -997,18 +1065,18 @@ def channel_merged_linear(
 
 def embedding_lookup(
     token_ids: torch.Tensor,
-    weight: torch.Tensor,
-    group_index: torch.Tensor,
+    rows: torch.Tensor,
+    row_index: torch.Tensor,
     expert_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token embedding with the token's expert: ``weight[group_index[e, tok], tok]``.
+    """Per-token embedding with the token's expert: ``rows[row_index[e, tok]]``.
 
-    Here the rows (channels) are vocabulary entries, so the lookup is two gathers and never
-    touches rows the batch does not use. ``token_ids`` and ``expert_ids`` have the same shape.
+    Here the channels are vocabulary entries (``rows [R, H]``, ``row_index [N, V]``; a v1
+    table ``[K, V, H]`` is the row table :func:`~vllm_channelmerge.rowtable.from_groups` makes of
+    it), so the lookup is two gathers and never touches rows the batch does not use.
+    ``token_ids`` and ``expert_ids`` have the same shape.
     """
-    k, v, h = weight.shape
     tok = token_ids.long()
-    if k == 1:
-        return F.embedding(tok, weight[0])
-    g = group_index[expert_ids.long(), tok].long()  # [T]
-    return F.embedding(g * v + tok, weight.reshape(k * v, h))
+    if rows.shape[0] == row_index.shape[1]:  # one row per token: every expert's table is rows
+        return F.embedding(tok, rows)
+    return F.embedding(row_index[expert_ids.long(), tok], rows)

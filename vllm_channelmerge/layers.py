@@ -10,8 +10,11 @@ The adapter (:mod:`vllm_channelmerge.compat`) reads vLLM's layer attributes into
 * **run**: :func:`linear`, :func:`embedding` and :func:`lm_head` take the rows' expert ids
   from the :class:`~vllm_channelmerge.context.EngineContext` and call the kernels.
 
-Per module: ``weight [K, out, in]``, ``group_index [N, out]`` and ``bias [K, out]`` where the
-layer has one (format v1, :mod:`vllm_channelmerge.format`).
+Per module, format v1: ``weight [K, out, in]``, ``group_index [N, out]`` and ``bias [K, out]``
+where the layer has one; format v2 (a row table): ``weight [R, in]``, ``row_index [N, out]``,
+``bias [R]``, where a fused module (q/k/v, gate/up) holds its constituents' primary rows first
+and all their extra rows after them (:class:`RowLayout`). Both run as row tables
+(:mod:`vllm_channelmerge.format`, :mod:`vllm_channelmerge.rowtable`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from typing import Any, Optional
 import torch
 
 from vllm_channelmerge import format as fmt
-from vllm_channelmerge import kernels
+from vllm_channelmerge import kernels, rowtable
 from vllm_channelmerge.context import EngineContext
 
 PARAMS = ("weight", "group_index", "bias")
+ROW_PARAMS = ("weight", "row_index", "bias")
 # Tensors a checkpoint may carry for other tools (never model weights).
 SIDECAR_PREFIXES = (f"{fmt.SIDECAR_DIR}.", f"{fmt.ROUTER_DIR}.")
 
@@ -68,9 +72,9 @@ def check_loaded(geom: Geometry, k: int, n: int, shard: Any, pname: str, loaded:
 def check_dtype(name: str, w: torch.Tensor) -> None:
     """Group indices are integers, everything else floating point: vLLM's loaders would cast an
     int32 weight into the float parameter silently and change every expert's output."""
-    if name.endswith(fmt.GROUP_INDEX_SUFFIX):
+    if name.endswith(fmt.INDEX_SUFFIXES):
         if w.is_floating_point() or w.is_complex() or w.dtype == torch.bool:
-            raise fmt.FormatError(f"checkpoint tensor {name!r} is {w.dtype}; group indices must be "
+            raise fmt.FormatError(f"checkpoint tensor {name!r} is {w.dtype}; group / row indices must be "
                                   f"an integer tensor ({fmt.GROUP_INDEX_DTYPE})")
     elif not w.is_floating_point():
         raise fmt.FormatError(f"checkpoint tensor {name!r} is {w.dtype}; model weights must be "
@@ -102,9 +106,81 @@ def check_values(prefix: str, k: int, weight: torch.Tensor, gi: torch.Tensor,
         if lo < 0 or hi >= k:
             raise fmt.FormatError(f"checkpoint tensor {prefix}.group_index has values in [{lo}, {hi}]; "
                                   f"expected [0, {k}) (K={k} groups)")
+    check_finite(prefix, weight, bias)
+
+
+def check_finite(prefix: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
     for t, what in ((weight, "weight"), (bias, "bias")):
         if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise fmt.FormatError(f"checkpoint tensor {prefix}.{what} contains NaN or Inf")
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where a (possibly fused) module's checkpoint rows go in its row-table parameter (format v2).
+
+    Each shard's ``out`` primary rows sit at ``primary_offset[shard]`` (shards in order, as vLLM
+    fuses them); all extra rows follow the ``out_total`` primary rows, each shard's at
+    ``extra_offset[shard]``. ``out_total`` may exceed the checkpoint's rows (the vocabulary
+    padding vLLM adds to embeddings): those rows are zero and every expert uses them as they are.
+    """
+
+    geom: Geometry
+    extra: dict[Any, int]  # extra rows per shard id
+    out_total: int
+
+    @classmethod
+    def of(cls, geom: Geometry, extras: list[int], out_total: Optional[int] = None) -> "RowLayout":
+        if len(extras) != len(geom.shards):
+            raise fmt.FormatError(f"{geom.prefix}: {len(extras)} extra-row counts for {len(geom.shards)} modules")
+        return cls(geom, dict(zip(geom.shards, extras)), out_total if out_total is not None else geom.rows(None))
+
+    @property
+    def num_rows(self) -> int:
+        return self.out_total + sum(self.extra.values())
+
+    def _offsets(self, shard: Any) -> tuple[int, int]:
+        p = e = 0
+        for s in self.geom.shards:
+            if s == shard:
+                return p, self.out_total + e
+            p += self.geom.out_rows[s]
+            e += self.extra[s]
+        raise fmt.FormatError(f"{self.geom.prefix}: unknown shard {shard!r}")
+
+    def check(self, n: int, shard: Any, pname: str, loaded: torch.Tensor) -> str:
+        """Refuse a checkpoint tensor whose shape or dtype is wrong; returns its name."""
+        name = hf_name(self.geom.prefix, shard, pname)
+        if shard is None and len(self.geom.shards) > 1:
+            raise fmt.FormatError(f"checkpoint tensor {name!r}: a fused module's tensors are loaded per "
+                                  "constituent in format v2")
+        s = self.geom.shards[0] if shard is None else shard
+        out, extra = self.geom.out_rows[s], self.extra[s]
+        want = {"weight": (out + extra, self.geom.in_features), "row_index": (n, out), "bias": (out + extra,)}[pname]
+        if tuple(loaded.shape) != want:
+            raise fmt.FormatError(f"checkpoint tensor {name!r} has shape {tuple(loaded.shape)}, expected {want} "
+                                  f"({out} channels + {extra} extra rows, N={n} experts; format v2)")
+        check_dtype(name, loaded)
+        if pname == "row_index":
+            rowtable.check_row_index(name, loaded, out + extra)
+        return name
+
+    def load(self, param: torch.Tensor, shard: Any, pname: str, loaded: torch.Tensor) -> None:
+        """Copy one checked shard into the fused row table, remapping its row indices."""
+        s = self.geom.shards[0] if shard is None else shard
+        out = self.geom.out_rows[s]
+        p0, e0 = self._offsets(s)
+        if pname == "row_index":
+            v = loaded.to(torch.long)
+            mapped = torch.where(v < out, v + p0, v - out + e0)
+            param[:, p0 : p0 + out].copy_(mapped.to(param.dtype))
+            return
+        param[p0 : p0 + out].copy_(loaded[:out])
+        param[e0 : e0 + self.extra[s]].copy_(loaded[out:])
+
+    def init_index(self, row_index: torch.Tensor) -> None:
+        """Rows no checkpoint tensor fills (vocabulary padding) use their own primary row."""
+        row_index.copy_(torch.arange(row_index.shape[1], dtype=row_index.dtype).expand_as(row_index))
 
 
 @dataclass
@@ -129,6 +205,18 @@ def prepare(ctx: EngineContext, prefix: str, weight: torch.Tensor, gi: torch.Ten
     return Prepared(st, st if bias is None else dataclasses.replace(st, bias=None))
 
 
+def prepare_rows(ctx: EngineContext, prefix: str, rows: torch.Tensor, row_index: torch.Tensor,
+                 bias: Optional[torch.Tensor], use_cache: bool = True, groups: Optional[int] = None) -> Prepared:
+    """:func:`prepare` for a row table (format v2, indices checked at load; or a v1 table with
+    its K ``groups``)."""
+    try:
+        st = kernels.prepare_rows(rows, row_index, bias, row_index.shape[1], cache=ctx.hot_cache if use_cache else None,
+                                  name=prefix, gemm=ctx.gemm, groups=groups)
+    except ValueError as e:
+        raise fmt.FormatError(f"{prefix}: {e}") from None
+    return Prepared(st, st if bias is None else dataclasses.replace(st, bias=None))
+
+
 def linear(ctx: EngineContext, prepared: Prepared, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y[t] = x[t] @ W_{expert(t)}^T``: one row per token of the step."""
     state = prepared.pick(bias)
@@ -136,9 +224,10 @@ def linear(ctx: EngineContext, prepared: Prepared, x: torch.Tensor, bias: Option
     return kernels.channel_merged_linear(x, state, batch, ctx.strategy)
 
 
-def embedding(ctx: EngineContext, weight: torch.Tensor, gi: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def embedding(ctx: EngineContext, rows: torch.Tensor, row_index: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's embedding row for its expert (``rows [R, H]``, ``row_index [N, V]``)."""
     ids = ctx.step.token_ids_for(token_ids.numel(), token_ids.device).reshape(token_ids.shape)
-    return kernels.embedding_lookup(token_ids, weight, gi, ids)
+    return kernels.embedding_lookup(token_ids, rows, row_index, ids)
 
 
 def lm_head(ctx: EngineContext, state: kernels.LayerState, x: torch.Tensor,

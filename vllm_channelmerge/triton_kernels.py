@@ -2,9 +2,10 @@
 
 One program computes a ``BLOCK_M x BLOCK_N`` tile of the output for ``BLOCK_M`` rows of ONE
 expert (a tile of that expert's segment in the expert-sorted batch) and ``BLOCK_N`` channels.
-It loads the expert's group index for those channels once, then streams the selected group rows
-``weight[group_index[e, c], c, :]`` straight from the stored ``[K, out, in]`` tensor: no dense
-copy, no K-fold GEMM, and each needed row is read once per tile.
+It loads the expert's row index for those channels once, then streams the selected rows
+``rows[row_index[e, c], :]`` straight from the stored row table ``[R, in]`` (a v1 ``[K, out,
+in]`` tensor is the table ``R = K*out``): no dense copy, no K-fold GEMM, and each needed row is
+read once per tile.
 
 Importable without CUDA or Triton: :func:`is_available` then returns False and the dispatcher in
 ``kernels.py`` never picks this path. With ``TRITON_INTERPRET=1`` set before import, the kernel
@@ -49,12 +50,11 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _gather_gemm_kernel(
-        x_ptr, w_ptr, gi_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr,
+        x_ptr, w_ptr, ri_ptr, b_ptr, y_ptr, order_ptr, tiles_ptr,
         OUT, IN,
         stride_xt, stride_xk,
-        stride_wg, stride_wo, stride_wk,
-        stride_gn,
-        stride_bg,
+        stride_wr, stride_wk,
+        stride_rn,
         stride_yt,
         HAS_BIAS: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -72,8 +72,8 @@ if _HAVE_TRITON:
 
         offs_n = pid_n * BN + tl.arange(0, BN)
         mask_n = offs_n < OUT
-        grp = tl.load(gi_ptr + expert.to(tl.int64) * stride_gn + offs_n, mask=mask_n, other=0).to(tl.int64)
-        w_rows = grp * stride_wg + offs_n.to(tl.int64) * stride_wo  # [BN] start of each needed row
+        row = tl.load(ri_ptr + expert.to(tl.int64) * stride_rn + offs_n, mask=mask_n, other=0).to(tl.int64)
+        w_rows = row * stride_wr  # [BN] start of each needed row
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, IN, BK):
@@ -94,7 +94,7 @@ if _HAVE_TRITON:
                 b = b.to(tl.float32)
             acc += tl.dot(a, b, input_precision="ieee")
         if HAS_BIAS:
-            bias = tl.load(b_ptr + grp * stride_bg + offs_n, mask=mask_n, other=0.0)
+            bias = tl.load(b_ptr + row, mask=mask_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]
         tl.store(
             y_ptr + tok[:, None] * stride_yt + offs_n[None, :],
@@ -128,21 +128,16 @@ def fused_gather_linear(x: torch.Tensor, state: "LayerState", batch: "ExpertBatc
     if t == 0 or out_f == 0:
         return y
     tiles = tile_table(batch)
-    w = state.weight
-    gi = state.group_index
-    b = state.bias
-    if b is not None and b.stride(1) != 1:
-        b = b.contiguous()
-    if gi.stride(1) != 1:
-        gi = gi.contiguous()
+    w = state.rows  # [R, in], contiguous (prepare_rows)
+    ri = state.row_index  # [N, out] int64, contiguous
+    b = state.bias  # [R] or None, contiguous
     grid = (tiles.shape[0], triton.cdiv(out_f, BLOCK_N))
     _gather_gemm_kernel[grid](
-        x, w, gi, b if b is not None else w, y, batch.order, tiles,
+        x, w, ri, b if b is not None else w, y, batch.order, tiles,
         out_f, in_f,
         x.stride(0), x.stride(1),
-        w.stride(0), w.stride(1), w.stride(2),
-        gi.stride(0),
-        b.stride(0) if b is not None else 0,
+        w.stride(0), w.stride(1),
+        ri.stride(0),
         y.stride(0),
         HAS_BIAS=b is not None,
         UPCAST=interpreter_enabled() and x.dtype != torch.float32,
