@@ -108,3 +108,13 @@ def test_dispatch_picks_triton_for_cuda_decode():
     assert choose_strategy(batch, st, x.cuda()) == "triton"
     y = channel_merged_linear(x.cuda(), st, batch)
     torch.testing.assert_close(y.cpu(), reference_linear(x, w, gi, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+def test_gpu_benchmark_checks_its_kernels_in_the_interpreter():
+    """benchmarks/kernels_gpu.py times only what it has checked against the reference; its check
+    runs here through Triton's CPU interpreter (the timing itself needs CUDA)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.kernels_gpu", "--check-only"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and "check passed on cpu" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
