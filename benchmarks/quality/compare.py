@@ -21,6 +21,9 @@ System names:
   ``expert_*`` rows), 4x the parameters (params ratio 1.0).
 
 Merged systems take hyperparameters after ``@``: ``channel_k2_ties@density=0.7,scale=1.0``.
+A channel merge under a memory budget (format v2: each channel 1..K rows) takes ``budget``
+(stored parameters / the ensemble's) and optionally ``criterion`` there:
+``channel_k3_ties@budget=0.35`` or ``channel_k3_average@budget=0.35,criterion=weight_per_tensor``.
 They are settled on the validation split (``--split val``: results go to ``sweep.json`` and
 the report's hyperparameter section, never to the test table).
 
@@ -91,8 +94,14 @@ def parse_system(name: str) -> dict[str, Any]:
         k, eq, v = kv.partition("=")
         if not eq:
             raise ValueError(f"{name}@{hp}: hyperparameters are key=value pairs separated by commas")
-        params[k] = _param_value(v)
+        params[k] = v if k == "criterion" else _param_value(v)
     spec = _parse_name(name)
+    budget = {k: params.pop(k) for k in ("budget", "criterion") if k in params}
+    if budget and spec["kind"] not in ("channel", "auto"):
+        raise ValueError(f"{name}: only channel merges take a budget")
+    if set(budget) == {"criterion"}:
+        raise ValueError(f"{name}: criterion needs a budget")
+    spec["budget"] = budget
     if params and spec["kind"] not in ("channel", "single_merge", "auto"):
         raise ValueError(f"{name}: only merged systems take hyperparameters")
     if params:
@@ -101,6 +110,12 @@ def parse_system(name: str) -> dict[str, Any]:
         MethodParams(**params)  # fail early on a bad name or value
     spec["parameters"] = params
     return spec
+
+
+def _hp(spec: dict[str, Any]) -> str:
+    """The `@...` part of a system name (method parameters, then the budget), '' for none."""
+    items = sorted(spec["parameters"].items()) + sorted(spec.get("budget", {}).items())
+    return ",".join(f"{a}={b}" for a, b in items)
 
 
 def _parse_name(name: str) -> dict[str, Any]:
@@ -124,7 +139,7 @@ def _parse_name(name: str) -> dict[str, Any]:
 
 def merged_dir(spec: dict[str, Any]) -> Path:
     k, m = spec["num_groups"], spec["method"]
-    hp = ",".join(f"{a}={b}" for a, b in sorted(spec["parameters"].items()))
+    hp = _hp(spec)
     return WORK / ((f"single_{m}" if k == 1 else f"channel_k{k}_{m}") + (f"@{hp}" if hp else ""))
 
 
@@ -139,7 +154,8 @@ def build_merged(spec: dict[str, Any]) -> Path:
     cfg = MergeConfig(base_model=str(_abs(BASE_DIR)),
                       experts=[{"name": t, "model": str(_abs(EXPERTS_DIR / t))} for t in TASKS],
                       num_groups=spec["num_groups"], method=spec["method"], parameters=spec["parameters"],
-                      fold_norms=spec["num_groups"] > 1)  # K=1: the classic merge, norms merged too
+                      fold_norms=spec["num_groups"] > 1,  # K=1: the classic merge, norms merged too
+                      budget=spec["budget"].get("budget"), budget_criterion=spec["budget"].get("criterion"))
     t0 = time.time()
     run_merge(cfg, out, progress=False)
     print(f"merged {out.name} in {time.time() - t0:.1f} s", flush=True)
@@ -280,7 +296,7 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
     port = free_port()
     t0 = time.time()
     entry: dict[str, Any] = {"kind": spec["kind"], "num_groups": spec["num_groups"], "method": spec["method"],
-                             "parameters": spec["parameters"], "split": split,
+                             "parameters": spec["parameters"], "budget": spec.get("budget") or None, "split": split,
                              "params_ratio": params_ratio(spec, model_dir), "accuracy": {}}
     if spec["kind"] in ("channel", "single_merge", "auto"):
         entry["merge_error"] = merge_error(model_dir)
@@ -361,9 +377,16 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
     # One line per in-group method through K = 1 (the single merge), 2, 3 (default hyperparameters).
     for m, color in zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         line = sorted((s["params_ratio"], 100 * s["average"]) for s in pts.values()
-                      if s["kind"] in ("channel", "single_merge") and s["method"] == m and not s.get("parameters"))
+                      if s["kind"] in ("channel", "single_merge") and s["method"] == m and not s.get("parameters")
+                      and not s.get("budget"))
         if line:
             ax.plot(*zip(*line), marker="o", color=color, label=f"{m} (K = 1, 2, 3)")
+        # The budget curve: channel merges of this method under a memory budget (1..K rows a channel).
+        curve = sorted((s["params_ratio"], 100 * s["average"]) for s in pts.values()
+                       if s["kind"] == "channel" and s["method"] == m and s.get("budget")
+                       and not s.get("parameters"))
+        if curve:
+            ax.plot(*zip(*curve), marker="D", linestyle="--", color=color, label=f"{m}, budget (1..K rows)")
     marks = {"ensemble": ("black", "s"), "auto": ("tab:purple", "*"), "base": ("tab:gray", "v")}
     for n, s in pts.items():
         if s["kind"] in marks:

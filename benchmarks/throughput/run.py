@@ -5,6 +5,8 @@ Systems (same prompts, greedy, fixed output length, N experts, K groups):
   b  channelmerge serving all N experts, requests spread evenly (round robin) over them
   b_torch  b with the kernels' GEMMs on plain F.linear (CHANNELMERGE_CPU_GEMM=torch: the
            kernels as they were before they ran on vLLM's prepacked CPU GEMM)
+  b_budget  b on a checkpoint merged under a memory budget (format v2: each channel 1..K rows),
+           given with --budget-checkpoint DIR (its experts must be the same N)
   c  the ensemble: N stock vLLM servers, one per dense expert, each given its share at once
   d  channelmerge with every request for one expert
   d_cache  d with the hot-expert cache holding that expert's dense copy
@@ -80,6 +82,16 @@ def prepare(num_experts: int, num_groups: int) -> tuple[dict[str, Path], Path]:
     return experts, merged
 
 
+def budget_summary(model_dir: Path) -> str:
+    """What the budget checkpoint stores: format, K, its budget and parameters ÷ ensemble."""
+    from vllm_channelmerge import format as fmt
+
+    qc = fmt.read_checkpoint_config(model_dir)
+    report = json.loads((model_dir / fmt.REPORT_FILE).read_text())
+    return (f"format v{qc.format_version}, K={qc.num_groups}, method {qc.method}, budget {qc.budget}, "
+            f"params ÷ ensemble {report['params']['ratio']:.3f}")
+
+
 def weight_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
@@ -124,7 +136,7 @@ def server_env(threads_bind: str, extra: dict[str, str] | None = None) -> dict[s
             "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")}
 
 
-SYSTEMS = ("a", "b", "b_torch", "c", "d", "d_cache")
+SYSTEMS = ("a", "b", "b_torch", "b_budget", "c", "d", "d_cache")
 COMMON_ARGS = ["--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "64"]
 
 
@@ -213,9 +225,10 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
         cmds = [stock_cmd(experts[first], first, ports[0], dtype)]
         wbytes = weight_bytes(experts[first])
     else:
+        served = a.budget_checkpoint if system == "b_budget" else merged
         ports = [free_port()]
-        cmds = [channelmerge_cmd(merged, ports[0], dtype)]
-        wbytes = weight_bytes(merged)
+        cmds = [channelmerge_cmd(served, ports[0], dtype)]
+        wbytes = weight_bytes(served)
     env = {}
     if system == "d_cache":  # room for one dense expert (weights counted once more below)
         env["CHANNELMERGE_HOT_CACHE_BYTES"] = str(int(1.05 * weight_bytes(experts[first])))
@@ -233,7 +246,7 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
                         res = list(pool.map(lambda i: bench(ports[i], names[i], experts[names[i]], None, share_c,
                                                             share_n, a.input_len, a.output_len, a.seed + i),
                                             range(len(names))))
-                elif system in ("b", "b_torch"):
+                elif system in ("b", "b_torch", "b_budget"):
                     res = [bench(ports[0], first, experts[first], names, conc, n_prompts, a.input_len,
                                  a.output_len, a.seed)]
                 else:
@@ -249,7 +262,8 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
 RESULTS_JSON = HERE / "results.json"
 LEGACY_HOST = "AVX2"  # results.json written before host kinds were recorded came from the AVX2 host
 LABELS = {"a": "a: one dense expert (stock)", "b": "b: channelmerge, mixed",
-          "b_torch": "b on plain F.linear GEMMs", "c": "c: ensemble of stock servers",
+          "b_torch": "b on plain F.linear GEMMs", "b_budget": "b on the budget checkpoint",
+          "c": "c: ensemble of stock servers",
           "d": "d: channelmerge, one expert", "d_cache": "d with the hot-expert cache"}
 
 
@@ -302,13 +316,17 @@ def section(kind: str, ent: dict) -> list[str]:
         for conc in sorted({r["concurrency"] for r in rows}):
             tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in SYSTEMS if (s, conc) in by}
             parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}"
-                     for x, y in (("b", "a"), ("b_torch", "a"), ("d", "a"), ("d_cache", "a"), ("b", "c"), ("b", "b_torch"))
+                     for x, y in (("b", "a"), ("b_torch", "a"), ("b_budget", "a"), ("d", "a"), ("d_cache", "a"),
+                                  ("b", "c"), ("b", "b_torch"))
                      if x in tp and y in tp]
             if parts:
                 lines.append(f"- concurrency {conc}: " + ", ".join(parts))
         c0 = rows[0]["concurrency"] if rows else None
-        if ("b", c0) in by and ("c", c0) in by:
-            lines.append(f"- weight bytes b/c = {by[('b', c0)]['weight_bytes'] / by[('c', c0)]['weight_bytes']:.2f}")
+        for x in ("b", "b_budget"):
+            if (x, c0) in by and ("c", c0) in by:
+                lines.append(f"- weight bytes {x}/c = {by[(x, c0)]['weight_bytes'] / by[('c', c0)]['weight_bytes']:.2f}")
+        if meta.get("budget_checkpoint"):
+            lines.append(f"- b_budget served `{meta['budget_checkpoint']}` ({meta.get('budget_summary', '')})")
         lines.append("")
     notes = ent.get("notes")
     if ent.get("notes_file") and (HERE / ent["notes_file"]).exists():  # written by hand after that run
@@ -369,8 +387,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--notes", type=Path, help="markdown file: this host kind's reading of its numbers "
                                                  "(kept in results.json)")
+    ap.add_argument("--budget-checkpoint", type=Path,
+                    help="merged checkpoint system b_budget serves (e.g. a budget merge of the same experts)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
     a = ap.parse_args()
+    if "b_budget" in a.systems and not (a.budget_checkpoint and (a.budget_checkpoint / "config.json").exists()):
+        ap.error("system b_budget needs --budget-checkpoint DIR (a merged checkpoint folder with config.json)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load_results()
     kind, host = kk.host_kind(), host_line()
@@ -389,6 +411,9 @@ def main() -> None:
                             else "random SmolLM2-135M-shaped, embeddings frozen (K=1 for them)"),
                 "num_experts": a.num_experts, "num_groups": a.num_groups,
                 "input_len": a.input_len, "output_len": a.output_len}
+        if "b_budget" in a.systems:
+            meta["budget_checkpoint"] = str(a.budget_checkpoint)
+            meta["budget_summary"] = budget_summary(a.budget_checkpoint)
         data = merge_run(data, kind, host, rows, meta, dtypes)
     if a.notes:
         data["hosts"].setdefault(kind, {"host": host, "meta": {}, "runs": []})["notes"] = a.notes.read_text()
