@@ -24,6 +24,7 @@ from vllm_channelmerge import format as fmt
 
 if TYPE_CHECKING:
     from merge_tool.config import MergeConfig
+    from merge_tool.plan import MergePlan
 
 log = logging.getLogger("channelmerge")
 
@@ -66,12 +67,13 @@ def _merge(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _merge_dry_run(cfg, args)
     out = run_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet,
-                    threads=args.threads or None)
+                    threads=args.threads or None, on_plan=_print_allocation)
     info = inspect_checkpoint(out)
     ratio = info["params_ratio"]
     errs = [t["rel_error_mean"] for t in info["tensors"] if t["kind"] == "channel"]
+    v2 = f" (format v2, budget: {_budget_text(info['budget'])})" if info.get("budget") else ""
     print(f"wrote {out}: {len(info['experts'])} experts, K={info['num_groups']}, method={info['method']}, "
-          f"parameters {ratio:.3f} of the ensemble, mean relative error {sum(errs) / max(1, len(errs)):.4f}")
+          f"parameters {ratio:.3f} of the ensemble{v2}, mean relative error {sum(errs) / max(1, len(errs)):.4f}")
     for n in info["notes"]:
         print(f"note: {n}")
     if args.verbose:
@@ -81,12 +83,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_allocation(plan: "MergePlan") -> None:
+    """A merge under a budget: the rows per channel, before anything is written."""
+    from merge_tool.plan import format_allocation
+
+    if plan.allocation is not None:
+        print("\n".join(format_allocation(plan)), flush=True)
+
+
+def _budget_text(b: dict) -> str:
+    asked = f"{b['params_ratio']}" if "params_ratio" in b else f"{b['bytes']:,} bytes"
+    return f"{asked}, criterion {b['criterion']}"
+
+
 def _merge_dry_run(cfg: MergeConfig, args: argparse.Namespace) -> int:
     """`merge --dry-run`: validate as the merge does, print its plan, write nothing."""
     from merge_tool.merge import plan_merge
     from merge_tool.plan import format_plan
 
-    plan = plan_merge(cfg, args.out, force=args.force, device=args.device)
+    plan = plan_merge(cfg, args.out, force=args.force, device=args.device, progress=not args.quiet)
     print(format_plan(plan, per_tensor=args.verbose))
     return 0
 

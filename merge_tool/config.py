@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 METHODS = tuple(_methods.METHODS)  # the registry's names, in its order
 SIMILARITIES = ("cosine", "euclidean")
+# How a merge under a `budget` measures the error a channel's extra rows remove (merge_tool/budget.py).
+BUDGET_CRITERIA = ("weight", "weight_per_tensor", "method")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -98,6 +100,14 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError("size must be positive")
     return size
+
+
+def _check_size(v: Any) -> int | str:
+    """A size field's value as given (`2GB` or bytes), after checking that it parses."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"expected a size such as 2GB, 500MB or a number of bytes, got {v!r}")
+    parse_size(v)
+    return v
 
 
 _P = _methods.PARAMS
@@ -249,6 +259,13 @@ class MergeConfig(BaseModel):
         None, description="expert serving a request that names none; None refuses such requests")
     router: RouterSpec | None = Field(
         None, description="train the `auto` router after the merge (`channelmerge merge` only)")
+    budget: Optional[StrictNumFloat] = Field(
+        None, description="stored parameters / the ensemble's (N x base): each channel gets 1..K rows "
+                          "(format v2); absent: K rows everywhere (format v1)")
+    budget_bytes: Optional[int | str] = Field(
+        None, description="as `budget`, in bytes of tensor data (a size such as 24GB)")
+    budget_criterion: Optional[Literal["weight", "weight_per_tensor", "method"]] = Field(
+        None, description="what an extra row must reduce (default weight); only with a budget")
 
     @model_validator(mode="before")
     @classmethod
@@ -284,10 +301,29 @@ class MergeConfig(BaseModel):
     @field_validator("max_shard_size", mode="before")
     @classmethod
     def _shard(cls, v: Any) -> int | str:
-        if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise ValueError(f"expected a size such as 2GB, 500MB or a number of bytes, got {v!r}")
-        parse_size(v)
+        return _check_size(v)
+
+    @field_validator("budget_bytes", mode="before")
+    @classmethod
+    def _budget_bytes(cls, v: Any) -> Optional[int | str]:
+        return None if v is None else _check_size(v)
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"is {v:g}; it must be in (0, 1]: stored parameters / the ensemble's "
+                             "(N x base), e.g. 0.35")
         return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "MergeConfig":
+        if self.budget is not None and self.budget_bytes is not None:
+            raise ValueError("budget and budget_bytes are mutually exclusive; give one of them")
+        if self.budget_criterion is not None and not self.has_budget:
+            raise ValueError(f"budget_criterion is {self.budget_criterion!r} but there is no budget "
+                             "(budget or budget_bytes); remove it or set a budget")
+        return self
 
     @field_validator("block_rows", "kmeans_threshold")
     @classmethod
@@ -338,6 +374,20 @@ class MergeConfig(BaseModel):
     @property
     def shard_bytes(self) -> int:
         return parse_size(self.max_shard_size)
+
+    @property
+    def has_budget(self) -> bool:
+        """Whether the merge runs under a memory budget (and writes format v2)."""
+        return self.budget is not None or self.budget_bytes is not None
+
+    @property
+    def criterion(self) -> str:
+        """`budget_criterion`, defaulted."""
+        return self.budget_criterion or "weight"
+
+    @property
+    def budget_target_bytes(self) -> Optional[int]:
+        return None if self.budget_bytes is None else parse_size(self.budget_bytes)
 
     def merge_params(self) -> _methods.MergeParams:
         """The method's parameters with each expert's own `weight` / `density` filled in
@@ -402,6 +452,7 @@ def _match(pattern: str, tensor_name: str) -> bool:
 
 _ALLOWED = {
     "similarity": SIMILARITIES,
+    "budget_criterion": BUDGET_CRITERIA,
     "method": METHODS,
     "dtype": DTYPES,
 }
@@ -465,7 +516,7 @@ def load_config(path: str | Path) -> MergeConfig:
 def dump_config(cfg: MergeConfig) -> str:
     """YAML text of a config (what is written as `channelmerge.yaml`)."""
     data = cfg.model_dump(mode="json")
-    for key in ("router", "default_expert"):
+    for key in ("router", "default_expert", "budget", "budget_bytes", "budget_criterion"):
         if data.get(key) is None:
             data.pop(key, None)  # optional: absent when unused
     # The record of what the merge used: the parameters the method reads, and per-expert

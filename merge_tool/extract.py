@@ -22,7 +22,7 @@ from merge_tool import fold as foldmod
 from merge_tool.io import (EXTRACT_MARKER, ModelReader, PlannedTensor, StreamingShardWriter,
                            check_not_overlapping, check_replaceable, copy_tokenizer_files,
                            extract_output_problem, staged_dir)
-from vllm_channelmerge import format as fmt
+from vllm_channelmerge import format as fmt, rowtable
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
             norms[nn] = side[nn][e]
     # Which weight has which norm folded into it (recorded by the merge; recomputed if absent).
     targets: dict[str, str] = report.get("fold_targets") or foldmod.plan_folding(
-        qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.GROUP_INDEX_SUFFIX)], True).targets
+        qc.base_architecture, [n for n in reader.names if not n.endswith(fmt.INDEX_SUFFIXES)], True).targets
     targets = {t: n for t, n in targets.items() if n in folded}
     unfold_ok = {nn: unfold_norms and foldmod.can_unfold(g) for nn, g in norms.items()}
     for nn, ok in unfold_ok.items():
@@ -89,12 +89,14 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
             raise fmt.FormatError(f"{reader.file_of(en)}: tensor {en!r} has shape {list(w.shape)}; "
                                   f"expected [{qc.num_experts}, hidden]")
         norms[m + ".weight"] = w[e]
-    names = [n for n in reader.names if not n.endswith((fmt.GROUP_INDEX_SUFFIX, fmt.EXPERT_WEIGHT_SUFFIX))]
+    names = [n for n in reader.names if not n.endswith((*fmt.INDEX_SUFFIXES, fmt.EXPERT_WEIGHT_SUFFIX))]
     planned = []
     for n in names:
         shape = reader.shape(n)
         if fmt.is_channel_tensor(n) and reader.has(fmt.group_index_name(n)):
             shape = shape[1:]
+        elif fmt.is_channel_tensor(n) and reader.has(fmt.row_index_name(n)):
+            shape = (reader.shape(fmt.row_index_name(n))[1], *shape[1:])  # [R, ...] -> [out, ...]
         planned.append(PlannedTensor(n, reader.dtype(n), tuple(shape)))
 
     cfg = dict(reader.config)
@@ -121,7 +123,8 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
             copy_tokenizer_files(src, tmp)
             (tmp / fmt.MODEL_CARD_FILE).write_text(
                 f"# Expert `{name}`\n\nExtracted with `channelmerge extract` from the channel-merged "
-                f"checkpoint `{src}` (K={qc.num_groups}, method `{qc.method}`). A plain "
+                f"checkpoint `{src}` (K={qc.num_groups}, method `{qc.method}`"
+                f"{', format v2' if qc.row_table else ''}). A plain "
                 f"`{qc.base_architecture}` checkpoint.\n")
     finally:
         reader.close()
@@ -130,10 +133,21 @@ def extract_expert(merged_dir: str | Path, name: str, out_dir: str | Path, force
 
 def _dense(reader: ModelReader, n: str, e: int, targets: dict[str, str], norms: dict[str, torch.Tensor],
            unfold_ok: dict[str, bool]) -> torch.Tensor:
-    """One tensor of expert `e`: group lookup per channel, then unfold / restore norms."""
+    """One tensor of expert `e`: group (v1) or row (v2) lookup per channel, then unfold /
+    restore norms."""
     t = reader.get(n)
-    gi_name = fmt.group_index_name(n)
-    if fmt.is_channel_tensor(n) and reader.has(gi_name):
+    gi_name, ri_name = fmt.group_index_name(n), fmt.row_index_name(n)
+    if fmt.is_channel_tensor(n) and reader.has(ri_name):
+        idx = reader.get(ri_name)
+        try:
+            rowtable.check_row_index(ri_name, idx, t.shape[0])
+        except fmt.FormatError as err:
+            raise fmt.FormatError(f"{reader.file_of(ri_name)}: {err}") from None
+        if idx.shape[0] <= e:
+            raise fmt.FormatError(f"{reader.file_of(ri_name)}: checkpoint tensor {ri_name!r} has "
+                                  f"{idx.shape[0]} rows (experts); expert {e} is missing")
+        t = rowtable.lookup(t, idx, e)
+    elif fmt.is_channel_tensor(n) and reader.has(gi_name):
         idx = reader.get(gi_name)
         if idx.shape[0] <= e or idx.shape[1] != t.shape[1]:
             raise fmt.FormatError(f"{reader.file_of(gi_name)}: {gi_name} has shape {list(idx.shape)}, "

@@ -44,6 +44,10 @@ def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
                        folded_norm=t.get("folded_norm"), bias=t.get("bias", False),
                        rel_error_mean=sum(errs) / len(errs), rel_error_max=max(errs),
                        rel_error=t["rel_error"], outside_group0=t["outside_group0"])
+            if qc.row_table:  # format v2: stored rows (R), from the shard headers
+                rows = shapes.get(name, (None,))[0]
+                row.update(rows=rows, extra_rows=qc.extra_rows.get(fmt.module_of(name), 0),
+                           rows_per_channel=t.get("rows_per_channel"), error_removed=t.get("error_removed"))
         elif t["kind"] == "merged":
             errs = list(t["rel_error"].values())
             row.update(num_groups=1, rel_error_mean=sum(errs) / len(errs), rel_error_max=max(errs),
@@ -73,6 +77,10 @@ def inspect_checkpoint(merged_dir: str | Path) -> dict[str, Any]:
         "params_stored": stored,
         "params_ensemble": (base_params or 0) * len(qc.experts) or None,
         "params_ratio": stored / (base_params * len(qc.experts)) if base_params else None,
+        "extra_rows": qc.extra_rows,
+        "budget": qc.budget if qc.row_table else None,
+        "budget_report": report.get("budget"),
+        "allocation": report.get("allocation"),
         "notes": notes,
         "tensors": tensors,
     }
@@ -93,25 +101,59 @@ def format_table(info: dict[str, Any]) -> str:
                  f"kept per expert: {len(info['expert_norms'])}")
     for n in info["notes"]:
         lines.append(f"note: {n}")
+    v2 = info["format_version"] == fmt.ROW_TABLE_VERSION
+    if v2:
+        lines += _budget_lines(info)
     names = info["experts"]
-    head = f"{'tensor':<48} {'K':>2} {'err mean':>9} {'err max':>8}  outside group 0 ({' '.join(names)})"
+    where = "primary row" if v2 else "group 0"
+    rows_head = f" {'rows':>7}" if v2 else ""
+    head = f"{'tensor':<48} {'K':>2}{rows_head} {'err mean':>9} {'err max':>8}  outside {where} ({' '.join(names)})"
     lines += ["", head, "-" * len(head)]
+    blank = f" {'':>7}" if v2 else ""
     for t in info["tensors"]:
         if t["kind"] == "channel":
             og = " ".join(f"{t['outside_group0'][n]:.0%}" for n in names)
             flag = "" if t.get("channel_merged", True) else " (excluded)"
-            lines.append(f"{t['tensor']:<48} {t['num_groups']:>2} {t['rel_error_mean']:>9.4f} "
+            rows = f" {t.get('rows') or '?':>7}" if v2 else ""
+            lines.append(f"{t['tensor']:<48} {t['num_groups']:>2}{rows} {t['rel_error_mean']:>9.4f} "
                          f"{t['rel_error_max']:>8.4f}  {og}{flag}")
         elif t["kind"] == "merged":
-            lines.append(f"{t['tensor']:<48} {'-':>2} {t['rel_error_mean']:>9.4f} {t['rel_error_max']:>8.4f}  "
+            lines.append(f"{t['tensor']:<48} {'-':>2}{blank} {t['rel_error_mean']:>9.4f} {t['rel_error_max']:>8.4f}  "
                          "merged across experts")
         elif t["kind"] == "folded_norm":
-            lines.append(f"{t['tensor']:<48} {'-':>2} {'':>9} {'':>8}  folded (stored as ones)")
+            lines.append(f"{t['tensor']:<48} {'-':>2}{blank} {'':>9} {'':>8}  folded (stored as ones)")
         elif t["kind"] == "expert_norm":
-            lines.append(f"{t['tensor']:<48} {'-':>2} {'':>9} {'':>8}  kept per expert (exact)")
+            lines.append(f"{t['tensor']:<48} {'-':>2}{blank} {'':>9} {'':>8}  kept per expert (exact)")
     lines.append("")
     lines.append("err = ||stored - expert|| / ||expert - base|| per tensor (0: exact; 1: as far as the base)")
+    if v2:
+        lines.append("rows = R, rows stored (one primary row per channel, then the extra rows); K = the most "
+                     "rows a channel may have")
     return "\n".join(lines)
+
+
+def _budget_lines(info: dict[str, Any]) -> list[str]:
+    """Format v2: the budget asked for and met, and the allocation tables of report.json."""
+    b = info.get("budget_report") or info.get("budget") or {}
+    asked = (f"params_ratio {b['params_ratio']}" if "params_ratio" in b
+             else f"{b['bytes']:,} bytes" if "bytes" in b else "?")
+    extra = sum(info["extra_rows"].values())
+    lines = [f"memory budget (format v2, row table): {asked}, criterion {b.get('criterion', '?')}; "
+             f"{extra:,} extra rows in {len(info['extra_rows'])} tensors"]
+    if "achieved_ratio" in b:
+        removed = b.get("error_removed")
+        lines.append(f"achieved: {b['achieved_ratio']:.4f} of the ensemble's parameters"
+                     + (f" ({b['achieved_bytes']:,} bytes)" if "achieved_bytes" in b else "")
+                     + (f"; error removed {100 * removed:.1f}% of what K rows everywhere remove"
+                        if removed is not None else ""))
+    alloc = info.get("allocation")
+    if alloc:
+        from merge_tool.budget import format_summary  # only for v2 tables (imports torch)
+
+        cap = max([len(r["rows"]) for r in alloc["by_kind"]] + [1])
+        lines += ["", *format_summary(alloc["by_kind"], "kind", cap), "",
+                  *format_summary(alloc["by_layer"], "layer", cap)]
+    return lines
 
 
 def main_json(merged_dir: str | Path) -> str:

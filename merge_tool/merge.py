@@ -1,4 +1,5 @@
-"""The merge: base + N experts -> one channel-merged checkpoint (DESIGN §2, format v1 §3).
+"""The merge: base + N experts -> one channel-merged checkpoint (DESIGN §2, format v1 §3; under
+a memory budget, format v2: a row table, with the rows per channel from `merge_tool.budget`).
 
 Plan, execute, report. `merge_tool.plan.build_plan` decides every tensor's job and every
 output byte before anything is written (`plan_merge` validates and stops there: `channelmerge
@@ -25,13 +26,14 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from merge_tool import clustering, fold as foldmod, methods
+from merge_tool import budget as budgetmod, clustering, fold as foldmod, methods
 from merge_tool.config import ConfigError, MergeConfig, dump_config
 from merge_tool.io import (InputError, ModelReader, StreamingShardWriter, check_compatible,
                            check_not_overlapping, check_replaceable, copy_tokenizer_files, lock_path,
                            merged_output_problem, staged_dir)
-from merge_tool.plan import Job, MergePlan, build_plan, layer_of
-from vllm_channelmerge import format as fmt
+from merge_tool.plan import (Job, MergePlan, budget_available, build_plan, format_allocation, layer_of,
+                             requested_budget, row_cost)
+from vllm_channelmerge import format as fmt, rowtable
 
 log = logging.getLogger(__name__)
 
@@ -44,45 +46,55 @@ Step = Callable[[Job, StreamingShardWriter, Measured], None]
 # -- entry points ------------------------------------------------------------------------------
 
 
-def plan_merge(config: MergeConfig, out_dir: str | Path, force: bool = False, device: str = "cpu") -> MergePlan:
+def plan_merge(config: MergeConfig, out_dir: str | Path, force: bool = False, device: str = "cpu",
+               progress: bool = False) -> MergePlan:
     """The plan of `run_merge(config, out_dir, force, device)`, validated as the merge validates
     before it writes (config, inputs, output path, device). Writes nothing: no output, temporary
-    or lock file, not even the output's parent folder."""
+    or lock file, not even the output's parent folder. Under a budget it reads every channel
+    tensor once to allocate the rows (`allocate_rows`), as the merge does."""
     given, out = _check_output(config, out_dir, force)
     _check_parent_writable(out)
-    _check_device(device)
+    dev = _check_device(device)
     base, experts = _open_inputs(config)
     try:
-        return build_plan(config, base, experts, given)
+        plan = build_plan(config, base, experts, given)
+        allocate_rows(plan, base, experts, dev, progress)
+        return plan
     finally:
         _close(base, experts)
 
 
 def run_merge(config: MergeConfig, out_dir: str | Path, force: bool = False, device: str = "cpu",
-              progress: bool = True, threads: Optional[int] = 1) -> Path:
+              progress: bool = True, threads: Optional[int] = 1,
+              on_plan: Optional[Callable[[MergePlan], None]] = None) -> Path:
     """Merge `config.experts` into a channel-merged checkpoint at `out_dir`; returns its path.
 
     Refuses to overwrite an existing `out_dir` unless `force`. On any error nothing is left.
     `device="cuda"` runs the math on the GPU (same results within float tolerance).
     `threads`: torch intra-op threads during the merge (None: leave torch's setting). The
     work is memory-bound; on a shared 2-core machine 2 threads were 3.5x slower than 1.
+    `on_plan`: called with the final plan (the row allocation under a budget) before writing.
     """
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     try:
-        return _run_merge(config, out_dir, force, device, progress)
+        return _run_merge(config, out_dir, force, device, progress, on_plan)
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: str, progress: bool) -> Path:
+def _run_merge(config: MergeConfig, out_dir: str | Path, force: bool, device: str, progress: bool,
+               on_plan: Optional[Callable[[MergePlan], None]]) -> Path:
     t0 = time.perf_counter()
     given, out = _check_output(config, out_dir, force)
     dev = _check_device(device)
     base, experts = _open_inputs(config)
     try:
         plan = build_plan(config, base, experts, given)
+        allocate_rows(plan, base, experts, dev, progress)
+        if on_plan is not None:
+            on_plan(plan)
         with staged_dir(out, force=force, own=merged_output_problem) as tmp:
             measured = _write_tensors(tmp, plan, base, experts, dev, progress)
             _write_metadata(tmp, plan, experts, measured, time.perf_counter() - t0)
@@ -149,6 +161,36 @@ def _close(base: ModelReader, experts: list[ModelReader]) -> None:
         r.close()
 
 
+# -- the row allocation (merges under a budget, format v2) -------------------------------------
+
+
+def allocate_rows(plan: MergePlan, base: ModelReader, experts: list[ModelReader], dev: torch.device,
+                  progress: bool = False) -> None:
+    """Under a budget: measure every channel tensor's error per k, choose each channel's rows
+    (`merge_tool.budget`) and set them in the plan (output shapes, shards). No-op without one.
+    A budget below one row per channel is refused before anything is read."""
+    if not plan.row_table:
+        return
+    t0 = time.perf_counter()
+    available = budget_available(plan)
+    cfg = plan.config
+    in_bytes = cfg.budget is None
+    merger = _Merger(plan, base, experts, dev)
+    curves = merger.measure(in_bytes, progress)
+    choice = budgetmod.allocate(curves, available, cfg.criterion)
+    caps = {j.name: j.k for j in plan.jobs}
+    tensors = {cv.name: budgetmod.tensor_rows(cv, choice[cv.name], caps[cv.name]) for cv in curves}
+    for j in plan.jobs:
+        if j.kind == "channel" and j.name not in tensors:
+            tensors[j.name] = budgetmod.TensorRows.single(j.name, j.shape[0], j.k)
+    tensors = {j.name: tensors[j.name] for j in plan.jobs if j.kind == "channel"}  # plan order
+    plan.set_allocation(budgetmod.Allocation(tensors, cfg.criterion, requested_budget(cfg)))
+    assert plan.allocation is not None
+    log.info("row allocation in %.1fs: %s stored parameters (%.4f of the ensemble), error removed %s",
+             time.perf_counter() - t0, f"{plan.stored_params:,}", plan.param_ratio,
+             budgetmod.pct(plan.allocation.error_removed))
+
+
 # -- execution ---------------------------------------------------------------------------------
 
 
@@ -156,7 +198,7 @@ def _write_tensors(tmp: Path, plan: MergePlan, base: ModelReader, experts: list[
                    dev: torch.device, progress: bool) -> Measured:
     """Every planned output tensor into the shards under `tmp`; returns the measurements."""
     writer = StreamingShardWriter(tmp, plan.outputs, plan.config.shard_bytes,
-                                  metadata=fmt.shard_metadata(plan.experts))
+                                  metadata=fmt.shard_metadata(plan.experts, plan.format_version))
     try:
         measured = _Merger(plan, base, experts, dev).run(writer, progress)
         writer.close()
@@ -236,8 +278,27 @@ class _ChannelState:
     src: _Sources
     thresholds: tuple[list[float], list[float]]  # the sparsifier's statistics: weight, bias
     measures: _Measures
-    bias_out: Optional[torch.Tensor]  # [K, out], written after the weight
+    bias_out: Optional[torch.Tensor]  # [K, out] ([R] in format v2), written after the weight
     index_out: torch.Tensor  # [N, out] int32, written after the bias
+    table: Optional["_RowTable"] = None  # format v2: where each channel's rows go
+
+
+@dataclass
+class _RowTable:
+    """Format v2, one channel tensor: each channel's k (its partition) and rows, and where its
+    extra rows start (rows `out..R-1`, ordered by channel, then by group)."""
+
+    k: torch.Tensor  # [out] int64
+    rows: torch.Tensor  # [out] int64
+    extra_start: torch.Tensor  # [out + 1] int64: channel c's extra rows are rows out + [s[c], s[c+1])
+
+    @classmethod
+    def of(cls, job: Job) -> "_RowTable":
+        out = job.shape[0]
+        alloc = job.alloc or budgetmod.TensorRows.single(job.name, out)
+        start = torch.zeros(out + 1, dtype=torch.int64)
+        torch.cumsum(alloc.rows - 1, 0, out=start[1:])
+        return cls(alloc.k, alloc.rows, start)
 
 
 class _Merger:
@@ -290,12 +351,14 @@ class _Merger:
 
     def channel(self, job: Job, writer: StreamingShardWriter, measured: Measured) -> None:
         """A channel tensor: its output rows block by block through `_merge_block`, then its
-        bias and group index."""
+        bias and group index (format v2: row index)."""
         n, out_rows = len(self.experts), job.shape[0]
         src = self._sources(job)
+        table = _RowTable.of(job) if self.plan.row_table else None
+        bias_shape = (job.k, out_rows) if table is None else (job.num_rows,)
         st = _ChannelState(job, src, self._thresholds(job, src), _Measures.zeros(n),
-                           torch.empty((job.k, out_rows), dtype=job.dtype) if job.bias else None,
-                           torch.empty((n, out_rows), dtype=torch.int32))
+                           torch.empty(bias_shape, dtype=job.dtype) if job.bias else None,
+                           torch.empty((n, out_rows), dtype=torch.int32), table)
         writer.begin(job.name)  # the group rows go to the file block by block
         for rows in self._blocks(job):
             self._merge_block(st, rows, writer)
@@ -304,7 +367,11 @@ class _Merger:
         writer.end()
         if st.bias_out is not None:
             writer.write(job.bias, st.bias_out)
-        writer.write(fmt.group_index_name(job.name), st.index_out)
+        if table is None:
+            writer.write(fmt.group_index_name(job.name), st.index_out)
+        else:
+            rowtable.check_row_index(fmt.row_index_name(job.name), st.index_out, job.num_rows)
+            writer.write(fmt.row_index_name(job.name), st.index_out)
         measured[job.name] = self._channel_record(job, st.measures)
 
     def _sources(self, job: Job) -> _Sources:
@@ -345,14 +412,21 @@ class _Merger:
         job = st.job
         base_rows, w = self._load_rows(st.src, rows, job)
         d = torch.sub(w, base_rows.unsqueeze(1), out=self._ws("d", tuple(w.shape)))
-        assign = self._cluster(job, d, st.measures)
+        if st.table is None:
+            assign, k = self._cluster(job, d, st.measures), job.k
+        else:
+            assign = self._cluster_rows(job, d, st.table, rows, st.measures)
+            k = int(st.table.k[rows.start:rows.stop].max())
         ds = self._sparsify_block(job, d, st.thresholds, rows)
-        g = self._combine(ds, base_rows, w, assign, job.k, out=self._ws("g", (job.k, *base_rows.shape)))
+        g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, *base_rows.shape)))
         if job.identical:
             g[0].copy_(w[:, 0])  # not base + mean(delta): that rounds
         stored, rounded = self._round(g, job.dtype)
         st.measures.add_lookup_error(rounded, assign, w, self._ws("rec", tuple(w.shape)))
-        self._write_block(st, rows, stored, assign, writer)
+        if st.table is None:
+            self._write_block(st, rows, stored, assign, writer)
+        else:
+            self._write_rows(st, rows, stored, assign, writer)
 
     def _load_rows(self, src: _Sources, rows: _Rows, job: Job) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's base rows [R, I'] and expert rows [R, N, I'] in float32, norms folded. A
@@ -370,14 +444,93 @@ class _Merger:
     def _cluster(self, job: Job, d: torch.Tensor, measures: _Measures) -> torch.Tensor:
         """Each channel's partition of the experts into <= K groups, [R, N] (group 0 the largest);
         adds the task vectors' squared norms to `measures` (from the Gram diagonal if computed)."""
+        # K=1 or K=N: the partition does not depend on the Gram matrix
+        return self._partition(self._gram(d, 1 < job.k < d.shape[1], measures), job.k)
+
+    def _gram(self, d: torch.Tensor, needed: bool, measures: Optional[_Measures] = None) -> torch.Tensor:
+        """The block's Gram matrices [R, N, N] (zeros when no partition needs them), adding the
+        task vectors' squared norms to `measures` as `_cluster` does."""
         rr, n = d.shape[0], d.shape[1]
-        if 1 < job.k < n:
+        if needed:
             gram = clustering.row_gram(d)
-            measures.dnorm += torch.diagonal(gram, dim1=1, dim2=2).sum(0).double().cpu()
-        else:  # K=1 or K=N: the partition does not depend on the Gram matrix
-            gram = torch.zeros(rr, n, n, device=self.dev)
+            if measures is not None:
+                measures.dnorm += torch.diagonal(gram, dim1=1, dim2=2).sum(0).double().cpu()
+            return gram
+        if measures is not None:
             measures.dnorm += _sumsq(d)
-        return clustering.partition_from_gram(gram, job.k, self.cfg.similarity, self.cfg.kmeans_threshold)
+        return torch.zeros(rr, n, n, device=self.dev)
+
+    def _partition(self, gram: torch.Tensor, k: int) -> torch.Tensor:
+        """Each channel's best partition into <= k groups [R, N] (the v1 merge's, for the same
+        block): the one function both the measuring and the writing pass call."""
+        return clustering.partition_from_gram(gram, k, self.cfg.similarity, self.cfg.kmeans_threshold)
+
+    def _cluster_rows(self, job: Job, d: torch.Tensor, table: _RowTable, rows: _Rows,
+                      measures: _Measures) -> torch.Tensor:
+        """Format v2: each channel's partition for its own k [R, N] (labels 0..rows-1, group 0
+        the largest), checked against the rows the plan allocated."""
+        n = d.shape[1]
+        ks = table.k[rows.start:rows.stop].to(self.dev)
+        kvals = sorted(set(ks.unique().tolist()))
+        gram = self._gram(d, any(1 < k < n for k in kvals), measures)
+        assign = torch.zeros(d.shape[0], n, dtype=torch.int64, device=self.dev)
+        for k in kvals:
+            sel = ks == k
+            assign[sel] = self._partition(gram, k)[sel]
+        used = assign.max(1).values.cpu() + 1
+        if not torch.equal(used, table.rows[rows.start:rows.stop]):
+            raise RuntimeError(f"{job.name}: channels {rows.start}..{rows.stop - 1} partition into other "
+                               "group counts than measured when the rows were allocated (nondeterministic "
+                               "clustering?)")
+        return assign
+
+    # -- format v2: the measuring pass of a merge under a budget ----------------------------------
+
+    def measure(self, in_bytes: bool, progress: bool) -> list[budgetmod.Curve]:
+        """Every channel tensor that may get more than one row per channel: its error per k."""
+        jobs = [j for j in self.plan.jobs if j.splittable]
+        with torch.no_grad():
+            return [self._curve(j, in_bytes) for j in tqdm(jobs, desc="measuring", unit="tensor",
+                                                            disable=not progress)]
+
+    def _curve(self, job: Job, in_bytes: bool) -> budgetmod.Curve:
+        """The criterion's error of each channel's best k-group partition, k = 1..K, and the
+        groups it uses, block by block as the write pass reads them."""
+        out_rows, n = job.shape[0], len(self.experts)
+        src = self._sources(job)
+        by_method = self.cfg.criterion == "method"
+        thresholds = self._thresholds(job, src) if by_method else ([], [])
+        error = torch.empty(out_rows, job.k, dtype=torch.float64)
+        groups = torch.empty(out_rows, job.k, dtype=torch.int64)
+        for rows in self._blocks(job):
+            base_rows, w = self._load_rows(src, rows, job)
+            d = torch.sub(w, base_rows.unsqueeze(1), out=self._ws("d", tuple(w.shape)))
+            gram = self._gram(d, True)
+            ds = self._sparsify_block(job, d, thresholds, rows) if by_method else d
+            d2 = None if by_method else clustering.sq_distances(gram, "euclidean")
+            for k in range(1, job.k + 1):
+                assign = self._partition(gram, k)
+                groups[rows.start:rows.stop, k - 1] = assign.max(1).values.cpu() + 1
+                if by_method:
+                    g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, *base_rows.shape)))
+                    rec = self._ws("rec", tuple(w.shape))
+                    e = self._lookup_sq_error(g, assign, w, rec)
+                elif k >= n:
+                    e = torch.zeros(rows.size, dtype=torch.float64)
+                else:  # within-group sum of squares = the in-group average's error
+                    e = clustering.partition_cost(d2, assign).cpu()
+                error[rows.start:rows.stop, k - 1] = e
+        if not bool(torch.isfinite(error).all()):
+            self._check_finite(job)
+        return budgetmod.Curve(job.name, error, groups, row_cost(job, in_bytes))
+
+    @staticmethod
+    def _lookup_sq_error(g: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """Per channel, sum over experts of ||g[assign[c, n], c] - w[c, n]||² -> [R] float64."""
+        k, rr, width = g.shape
+        flat = (assign * rr + torch.arange(rr, device=assign.device).unsqueeze(1)).reshape(-1)
+        torch.index_select(g.reshape(k * rr, width), 0, flat, out=rec.view(-1, width))
+        return _sumsq_rows(rec.sub_(w))
 
     def _sparsify_block(self, job: Job, d: torch.Tensor, thresholds: tuple[list[float], list[float]],
                         rows: _Rows) -> torch.Tensor:
@@ -416,6 +569,33 @@ class _Merger:
             st.bias_out[:, rows.start:rows.stop] = stored[:, :, in_dim].cpu()
         st.index_out[:, rows.start:rows.stop] = assign.t().to(torch.int32).cpu()
 
+    def _write_rows(self, st: _ChannelState, rows: _Rows, stored: torch.Tensor, assign: torch.Tensor,
+                    writer: StreamingShardWriter) -> None:
+        """Format v2: the primary rows (group 0) at rows `start..stop-1`, the block's extra rows
+        (groups 1.., by channel then group) at their place after the `out` primary rows; bias
+        and row index entries into the tensors written after it."""
+        table = st.table
+        assert table is not None
+        out_rows, in_dim = st.job.shape
+        elem = stored.element_size()
+        writer.write_at(rows.start * in_dim * elem, stored[0, :, :in_dim])
+        n_extra = (table.rows[rows.start:rows.stop] - 1).to(self.dev)
+        first = int(table.extra_start[rows.start])
+        chan = torch.repeat_interleave(torch.arange(rows.size, device=self.dev), n_extra)
+        # group of each extra row: 1..rows-1 within its channel
+        offs = torch.cumsum(n_extra, 0) - n_extra
+        grp = torch.arange(chan.numel(), device=self.dev) - offs[chan] + 1
+        extra = stored[grp, chan]  # [E, I']
+        if extra.shape[0]:
+            writer.write_at((out_rows + first) * in_dim * elem, extra[:, :in_dim])
+        if st.bias_out is not None:
+            st.bias_out[rows.start:rows.stop] = stored[0, :, in_dim].cpu()
+            st.bias_out[out_rows + first:out_rows + first + extra.shape[0]] = extra[:, in_dim].cpu()
+        own = torch.arange(rows.start, rows.stop, device=self.dev).unsqueeze(1)
+        start = (table.extra_start[rows.start:rows.stop].to(self.dev) + out_rows).unsqueeze(1)
+        idx = torch.where(assign == 0, own, start + assign - 1)  # [R, N]
+        st.index_out[:, rows.start:rows.stop] = idx.t().to(torch.int32).cpu()
+
     def _check_finite(self, job: Job) -> None:
         """Slow path, only when a block's statistics were not finite: name the culprit."""
         for r in [self.base, *self.experts]:
@@ -427,7 +607,7 @@ class _Merger:
 
     def _channel_record(self, job: Job, m: _Measures) -> dict[str, Any]:
         out_rows, in_dim = job.shape
-        return {
+        rec = {
             "kind": "channel", "shape": [out_rows, in_dim], "num_groups": job.k,
             "bias": job.bias is not None, "folded_norm": job.norm, "source": job.source,
             "identical_across_experts": job.identical,
@@ -435,6 +615,12 @@ class _Merger:
             "rel_error": dict(zip(self.names, _rel(m.err, m.dnorm))),
             "outside_group0": dict(zip(self.names, (m.outside / out_rows).tolist())),
         }
+        if self.plan.row_table:
+            alloc = job.alloc or budgetmod.TensorRows.single(job.name, out_rows, job.k)
+            rec.update(rows=job.num_rows, extra_rows=job.num_rows - out_rows,
+                       rows_per_channel=alloc.histogram(),
+                       error_removed=budgetmod.removed_share([alloc]))
+        return rec
 
     # -- combining the members of each group ---------------------------------------------
 
@@ -509,6 +695,11 @@ def _fix_small_groups(g: torch.Tensor, w: torch.Tensor, assign: torch.Tensor, si
         g[assign[rr, nn], rr] = w[rr, nn]
 
 
+def _sumsq_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per channel sum of squares of [R, N, I] -> [R] float64 (on the CPU)."""
+    return torch.linalg.vector_norm(x, dim=2).double().square().sum(1).cpu()
+
+
 def _sumsq(x: torch.Tensor) -> torch.Tensor:
     """Per-expert sum of squares of [R, N, I] (row norms first: 6x faster than one big norm)."""
     return torch.linalg.vector_norm(x, dim=2).double().square().sum(0).cpu()
@@ -548,8 +739,8 @@ def _write_folded_norms(tmp: Path, plan: MergePlan, experts: list[ModelReader]) 
 def _report(plan: MergePlan, measured: Measured, seconds: float) -> dict[str, Any]:
     """report.json: the plan's decisions, its totals and the per-tensor measurements."""
     cfg, fp = plan.config, plan.fold
-    return {
-        "format_version": fmt.FORMAT_VERSION,
+    report = {
+        "format_version": plan.format_version,
         "experts": cfg.expert_names,
         "num_groups": cfg.num_groups,
         "method": cfg.method,
@@ -568,6 +759,16 @@ def _report(plan: MergePlan, measured: Measured, seconds: float) -> dict[str, An
         "seconds": round(seconds, 3),
         "tensors": measured,
     }
+    if plan.allocation is not None:
+        alloc = plan.allocation
+        report["budget"] = {**alloc.requested, "criterion": alloc.criterion,
+                            "achieved_ratio": alloc.stats["achieved_ratio"],
+                            "achieved_bytes": alloc.stats["bytes"], "error_removed": alloc.error_removed,
+                            "min_ratio": alloc.stats["min_ratio"], "max_ratio": alloc.stats["max_ratio"],
+                            "min_bytes": alloc.stats["min_bytes"], "max_bytes": alloc.stats["max_bytes"]}
+        report["allocation"] = {"by_kind": budgetmod.summary(alloc, "kind"),
+                                "by_layer": budgetmod.summary(alloc, "layer")}
+    return report
 
 
 def _config_json(plan: MergePlan) -> dict[str, Any]:
@@ -582,10 +783,20 @@ def _config_json(plan: MergePlan) -> dict[str, Any]:
         similarity=cfg.similarity, base_architecture=arch,
         folded_norms=[fmt.module_of(n) for n in plan.fold.folded_norms],
         expert_norms=[fmt.module_of(n) for n in plan.fold.expert_norms],
-        num_groups_overrides=plan.overrides(), default_expert=cfg.default_expert)
+        num_groups_overrides=plan.overrides(), default_expert=cfg.default_expert,
+        format_version=plan.format_version)
+    qd = qc.to_dict()
+    if plan.allocation is None:  # format v1: config.json exactly as before format v2 existed
+        qd.pop("extra_rows", None)
+        qd.pop("budget", None)
+    else:
+        alloc = plan.allocation
+        qd["extra_rows"] = plan.extra_rows()
+        qd["budget"] = {**alloc.requested, "criterion": alloc.criterion,
+                        "achieved_ratio": round(alloc.stats["achieved_ratio"], 6)}
     c = dict(plan.base_config)
     c["architectures"] = [wrapper]
-    c["quantization_config"] = qc.to_dict()
+    c["quantization_config"] = qd
     if cfg.dtype != "auto":
         for key in ("torch_dtype", "dtype"):
             if key in c or key == "torch_dtype":
@@ -596,7 +807,17 @@ def _config_json(plan: MergePlan) -> dict[str, Any]:
 def _model_card(plan: MergePlan, measured: Measured) -> str:
     """README.md: what was merged and how (from the plan), and how well (the measurements)."""
     channels = {n: t for n, t in measured.items() if t["kind"] == "channel"}
-    return "\n".join(_card_summary(plan) + _card_experts(plan, channels) + _card_layers(plan, channels))
+    return "\n".join(_card_summary(plan) + _card_experts(plan, channels) + _card_allocation(plan)
+                     + _card_layers(plan, channels))
+
+
+def _card_allocation(plan: MergePlan) -> list[str]:
+    """Format v2: the memory budget and the rows per channel (the merge's allocation print)."""
+    if plan.allocation is None:
+        return []
+    return ["", "## Rows per channel (memory budget, format v2)", "",
+            "Each channel stores 1..K rows; extra rows went where they remove the most error.", "",
+            "```", *format_allocation(plan), "```"]
 
 
 def _card_summary(plan: MergePlan) -> list[str]:
@@ -613,11 +834,20 @@ def _card_summary(plan: MergePlan) -> list[str]:
         f"- In-group method: `{cfg.method}` {cfg.used_parameters() or ''}",
         f"- Similarity: {cfg.similarity}",
         f"- Parameters stored: {plan.stored_params:,} = {plan.param_ratio:.3f} of the ensemble "
-        f"({plan.ensemble_params:,})",
+        f"({plan.ensemble_params:,})" + (_card_budget(plan) if plan.allocation is not None else ""),
         f"- Norms folded into linear layers: {len(fp.folded_norms)}; merged across experts: "
         f"{len(fp.merged_norms)}; kept per expert: {len(fp.expert_norms)}",
         f"- Tensors identical in every expert, stored once: {len(plan.identical)}",
     ]
+
+
+def _card_budget(plan: MergePlan) -> str:
+    alloc = plan.allocation
+    assert alloc is not None
+    asked = (f"{alloc.requested['params_ratio']}" if "params_ratio" in alloc.requested
+             else f"{alloc.requested['bytes']:,} bytes")
+    return (f"; memory budget {asked} (criterion `{alloc.criterion}`): 1..K rows per channel, "
+            f"format v2, error removed {budgetmod.pct(alloc.error_removed)} of what K rows everywhere remove")
 
 
 def _card_experts(plan: MergePlan, channels: Measured) -> list[str]:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from merge_tool import fold as foldmod
+from merge_tool import budget as budgetmod, fold as foldmod
+from merge_tool.budget import layer_key, layer_of
 from merge_tool.config import ConfigError, MergeConfig
 from merge_tool.io import InputError, ModelReader, PlannedTensor, shard_name, split_into_shards
 from vllm_channelmerge import format as fmt
@@ -45,6 +45,19 @@ class Job:
     identical: bool = False  # every expert has the same (folded) tensor: stored once, exactly
     selected: bool = True  # channel tensor chosen by include/exclude (False: merged, K=1 layout)
     outputs: list[PlannedTensor] = field(default_factory=list)  # filled by `build_plan`
+    # Format v2 (a merge under a budget): each channel's k and rows; None there means one row per
+    # channel (before the allocation, and for tensors stored once or excluded).
+    alloc: Optional[budgetmod.TensorRows] = None
+
+    @property
+    def splittable(self) -> bool:
+        """A channel tensor whose channels may get more than one row under a budget."""
+        return self.kind == "channel" and self.selected and not self.identical and self.k > 1
+
+    @property
+    def num_rows(self) -> int:
+        """Rows stored in format v2 (R): one per channel plus the extra rows."""
+        return self.shape[0] + (self.alloc.extra_rows if self.alloc is not None else 0)
 
     @property
     def role(self) -> str:
@@ -80,6 +93,16 @@ class MergePlan:
     fold: foldmod.FoldPlan
     jobs: list[Job]
     shards: list[list[PlannedTensor]]
+    allocation: Optional[budgetmod.Allocation] = None  # format v2: set by `set_allocation`
+
+    @property
+    def row_table(self) -> bool:
+        """Whether the merge writes format v2 (a row table): it runs under a budget."""
+        return self.config.has_budget
+
+    @property
+    def format_version(self) -> int:
+        return fmt.ROW_TABLE_VERSION if self.row_table else fmt.FORMAT_VERSION
 
     @property
     def experts(self) -> list[str]:
@@ -121,6 +144,26 @@ class MergePlan:
         """Module -> K wherever a channel tensor's K is not `num_groups` (config.json records it)."""
         return {fmt.module_of(j.name): j.k for j in self.jobs if j.kind == "channel" and j.k != self.config.num_groups}
 
+    def extra_rows(self) -> dict[str, int]:
+        """Format v2: module -> extra rows (R - out), for every module that has some."""
+        return {fmt.module_of(j.name): j.num_rows - j.shape[0] for j in self.jobs
+                if j.kind == "channel" and j.num_rows > j.shape[0]}
+
+    def set_allocation(self, alloc: budgetmod.Allocation) -> None:
+        """Format v2: take each channel tensor's rows from `alloc` (others keep one row per
+        channel) and re-plan the output tensors and shards; records the totals in `alloc.stats`."""
+        n = len(self.experts)
+        for j in self.jobs:
+            if j.kind == "channel":
+                j.alloc = alloc.tensors.get(j.name)
+                j.outputs = job_outputs(j, n, True)
+        self.shards = split_into_shards(self.outputs, self.config.shard_bytes)
+        self.allocation = alloc
+        lo, hi = budget_limits(self)
+        alloc.stats = {"stored_params": self.stored_params, "achieved_ratio": self.param_ratio,
+                       "bytes": self.output_bytes, "min_ratio": lo["ratio"], "max_ratio": hi["ratio"],
+                       "min_bytes": lo["bytes"], "max_bytes": hi["bytes"]}
+
 
 # -- building ----------------------------------------------------------------------------------
 
@@ -137,7 +180,7 @@ def build_plan(cfg: MergeConfig, base: ModelReader, experts: list[ModelReader],
     if identical:
         log.info("identical in every expert, stored once: %s", ", ".join(identical))
     for j in jobs:
-        j.outputs = job_outputs(j, len(experts))
+        j.outputs = job_outputs(j, len(experts), cfg.has_budget)
     return MergePlan(
         config=cfg, output=output, architecture=base.architecture, tied=base.tied, base_path=base.path,
         base_config=dict(base.config), base_params=sum(math.prod(base.shape(t)) for t in base.names),
@@ -231,8 +274,14 @@ def _identical(job: Job, experts: list[ModelReader], fp: foldmod.FoldPlan) -> bo
                for n in names for e in experts[1:])
 
 
-def job_outputs(job: Job, n: int) -> list[PlannedTensor]:
-    """The output tensors of one job, in write order (format v1, DESIGN §3)."""
+def job_outputs(job: Job, n: int, row_table: bool = False) -> list[PlannedTensor]:
+    """The output tensors of one job, in write order (format v1, DESIGN §3; with `row_table`,
+    format v2: rows [R, in], bias [R], row_index [N, out])."""
+    if job.kind == "channel" and row_table:
+        out = [PlannedTensor(job.name, job.dtype, (job.num_rows, *job.shape[1:]))]
+        if job.bias:
+            out.append(PlannedTensor(job.bias, job.dtype, (job.num_rows,)))
+        return out + [PlannedTensor(fmt.row_index_name(job.name), torch.int32, (n, job.shape[0]))]
     if job.kind == "channel":
         out = [PlannedTensor(job.name, job.dtype, (job.k, *job.shape))]
         if job.bias:
@@ -242,6 +291,67 @@ def job_outputs(job: Job, n: int) -> list[PlannedTensor]:
     if job.kind == "expert_norm":
         out.append(PlannedTensor(fmt.expert_norm_name(fmt.module_of(job.name)), job.dtype, (n, *job.shape)))
     return out
+
+
+# -- the budget (format v2) ----------------------------------------------------------------------
+
+
+def row_cost(job: Job, in_bytes: bool) -> float:
+    """What one more row of a channel tensor costs: parameters (`in`, +1 with a bias) or bytes."""
+    params = job.shape[1] + (1 if job.bias else 0)
+    return float(params * (torch.empty((), dtype=job.dtype).element_size() if in_bytes else 1))
+
+
+def budget_limits(plan: MergePlan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(one row per channel everywhere, K rows everywhere): stored params, ratio and bytes."""
+    splittable = [j for j in plan.jobs if j.splittable]
+    base_params = plan.stored_params - sum((j.num_rows - j.shape[0]) * row_cost(j, False) for j in splittable)
+    base_bytes = plan.output_bytes - sum((j.num_rows - j.shape[0]) * row_cost(j, True) for j in splittable)
+    more_params = sum((j.k - 1) * j.shape[0] * row_cost(j, False) for j in splittable)
+    more_bytes = sum((j.k - 1) * j.shape[0] * row_cost(j, True) for j in splittable)
+    ens = plan.ensemble_params or 1
+
+    def entry(params: float, nbytes: float) -> dict[str, Any]:
+        return {"params": int(params), "ratio": params / ens, "bytes": int(nbytes)}
+
+    return entry(base_params, base_bytes), entry(base_params + more_params, base_bytes + more_bytes)
+
+
+def budget_available(plan: MergePlan) -> float:
+    """Budget units (parameters, or bytes for `budget_bytes`) left for extra rows once every
+    channel has one row; refuses a budget below that minimum, or one with nothing to spend on."""
+    cfg = plan.config
+    lo, hi = budget_limits(plan)
+    if cfg.budget is not None:
+        field_, asked, unit = "budget", f"{cfg.budget:g}", "of the ensemble's parameters"
+        target, base = cfg.budget * plan.ensemble_params, lo["params"]
+
+        def fmt_v(e: dict[str, Any]) -> str:
+            return f"{e['ratio']:.4f}"
+    else:
+        field_, unit = "budget_bytes", "bytes of tensor data"
+        asked = f"{cfg.budget_bytes} ({cfg.budget_target_bytes:,} bytes)"
+        target, base = float(cfg.budget_target_bytes or 0), lo["bytes"]
+
+        def fmt_v(e: dict[str, Any]) -> str:
+            return f"{e['bytes']:,} ({human_bytes(e['bytes'])})"
+    if not any(j.splittable for j in plan.jobs):
+        raise ConfigError(
+            f"{field_}: {asked}: no channel can get a second row (num_groups is {cfg.num_groups}; every "
+            f"channel tensor has K=1, is excluded or stored once), so this merge stores {fmt_v(lo)} {unit} "
+            "whatever the budget; raise num_groups or remove the budget")
+    if target < base:
+        raise ConfigError(
+            f"{field_}: {asked} is below the minimum this merge can store, {fmt_v(lo)} {unit} (one row "
+            f"per channel); the most it can use is {fmt_v(hi)} (K rows everywhere)")
+    return target - base
+
+
+def requested_budget(cfg: MergeConfig) -> dict[str, Any]:
+    """What the config asked for, as recorded in quantization_config.budget and report.json."""
+    if cfg.budget is not None:
+        return {"params_ratio": cfg.budget}
+    return {"bytes": cfg.budget_target_bytes}
 
 
 # -- describing (channelmerge merge --dry-run) ---------------------------------------------------
@@ -257,23 +367,9 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def layer_of(tensor_name: str) -> str:
-    """`model.layers.3.mlp.up_proj.weight` -> `model.layers.3`; other tensors -> their module."""
-    if tensor_name.startswith("model.layers."):
-        return ".".join(tensor_name.split(".")[:3])
-    return fmt.module_of(tensor_name)
-
-
 _ROLE_ORDER = ("channel-merged", "channel, identical in every expert (stored once)",
                "channel, excluded (merged, K=1)", "merged across experts", "norm folded (stored as ones)",
                "norm kept per expert", "norm merged across experts", "copied (not floating point)")
-
-
-def _layer_key(layer: str) -> tuple[int, list[Any]]:
-    """Model order: embeddings, layers by number (10 after 9), other modules, lm_head."""
-    rank = (0 if layer.startswith("model.embed_tokens") else 1 if layer.startswith("model.layers.")
-            else 3 if layer.startswith("lm_head") else 2)
-    return rank, [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", layer)]
 
 
 def _k_text(jobs: list[Job]) -> str:
@@ -292,7 +388,7 @@ def summarize(plan: MergePlan, key: str) -> list[tuple[str, list[Job]]]:
     if key == "kind":
         order = sorted(groups, key=lambda g: _ROLE_ORDER.index(g) if g in _ROLE_ORDER else len(_ROLE_ORDER))
     else:
-        order = sorted(groups, key=_layer_key)
+        order = sorted(groups, key=layer_key)
     return [(g, groups[g]) for g in order]
 
 
@@ -314,7 +410,8 @@ def _per_tensor_lines(plan: MergePlan) -> list[str]:
     shard_of = plan.weight_map
     lines = ["", "per tensor (output tensors: dtype shape -> shard)"]
     for j in plan.jobs:
-        lines.append(f"{j.name}  [{j.role}" + (f", K={j.k}]" if j.role == "channel-merged" else "]"))
+        rows = f", {j.num_rows} rows" if plan.row_table and j.kind == "channel" else ""
+        lines.append(f"{j.name}  [{j.role}" + (f", K={j.k}" if j.role == "channel-merged" else "") + rows + "]")
         for t in j.outputs:
             dt = str(t.dtype).removeprefix("torch.")
             lines.append(f"    {t.name}  {dt} {list(t.shape)}  -> {shard_of[t.name]}")
@@ -335,6 +432,13 @@ def _settings_line(cfg: MergeConfig) -> str:
             + f"  similarity={cfg.similarity}  dtype={cfg.dtype}")
 
 
+def format_allocation(plan: MergePlan) -> list[str]:
+    """Format v2: the rows per channel, per tensor kind and per layer, and what they achieve
+    (`channelmerge merge` prints it before writing; the model card and report.json carry it)."""
+    assert plan.allocation is not None
+    return budgetmod.format_allocation(plan.allocation, human_bytes)
+
+
 def format_plan(plan: MergePlan, per_tensor: bool = False) -> str:
     """The dry-run report: the merge per tensor kind and per layer, and its totals."""
     cfg = plan.config
@@ -349,6 +453,8 @@ def format_plan(plan: MergePlan, per_tensor: bool = False) -> str:
         f"parameters stored: {plan.stored_params:,} = {plan.param_ratio:.3f} of the ensemble "
         f"({plan.ensemble_params:,} = {len(plan.experts)} x {plan.base_params:,})",
     ]
+    if plan.allocation is not None:
+        lines += ["", *format_allocation(plan)]
     lines += [f"note: {n} is identical in every expert: stored once (K=1)" for n in plan.identical]
     lines += [f"note: norm {n} merged across experts ({plan.fold.reason})" for n in plan.fold.merged_norms]
     if cfg.router is not None:

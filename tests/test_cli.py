@@ -58,14 +58,15 @@ def test_serve_execs_the_plugin_launcher_with_all_args(monkeypatch):
 
 def test_merge_tool_imports_only_the_format_from_the_plugin():
     """The offline tool needs no runtime: of the plugin package it imports the checkpoint
-    format (with the architecture table it is built from) and the router's file format."""
+    format (with the architecture table it is built from, and the v2 row-table checks) and the
+    router's file format."""
     import subprocess
 
     code = ("import sys, merge_tool.cli, merge_tool.merge, merge_tool.extract, merge_tool.inspect, "
             "merge_tool.router_train; print(sorted(m for m in sys.modules if m.startswith('vllm')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ("['vllm_channelmerge', 'vllm_channelmerge.architectures', "
-                           "'vllm_channelmerge.format', 'vllm_channelmerge.router']")
+                           "'vllm_channelmerge.format', 'vllm_channelmerge.router', 'vllm_channelmerge.rowtable']")
 
 
 def test_usage_errors():
