@@ -787,6 +787,12 @@ class ExpertIdsV1Mixin:
         with self._cm_step().dummy_run():
             return super()._dummy_run(*args, **kwargs)
 
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        # Each compute_logits call in here gets one request's slice of the step's hidden
+        # states; marking them lets the lm_head refuse anything else instead of guessing.
+        with self._cm_step().prompt_logprobs_call():
+            return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
+
 
 class ChannelMergedWorkerMixin:
     """Marks a worker whose runner passes expert ids; the config hook refuses any other

@@ -61,6 +61,7 @@ class StepState:
         self._token_batch: Optional[kernels.ExpertBatch] = None
         self._row_batches: dict = {}
         self.logits_batch: Optional[kernels.ExpertBatch] = None  # set around the lm_head call
+        self.in_prompt_logprobs = False  # inside a runner's prompt-logprobs computation
         self.steps = 0
 
     @contextlib.contextmanager
@@ -71,6 +72,16 @@ class StepState:
             yield
         finally:
             self.in_dummy_run = prev
+
+    @contextlib.contextmanager
+    def prompt_logprobs_call(self) -> Iterator[None]:
+        """Marks the runner's prompt-logprobs computation: every compute_logits call inside it
+        must get one request's slice of the step's hidden states."""
+        prev, self.in_prompt_logprobs = self.in_prompt_logprobs, True
+        try:
+            yield
+        finally:
+            self.in_prompt_logprobs = prev
 
     def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
               num_tokens: int, device: torch.device) -> None:
@@ -109,9 +120,11 @@ class StepState:
     def rows_batch(self, hidden_states: torch.Tensor) -> kernels.ExpertBatch:
         """ExpertBatch for the rows given to compute_logits.
 
-        One row per request (the sampled rows, batch order) -> the requests' ids; a slice of
-        the last forward's hidden states (prompt logprobs) -> those tokens' ids; a dummy step
-        -> expert 0.
+        A slice of the last forward's hidden states (prompt logprobs: one request's tokens) ->
+        those tokens' ids; otherwise one row per request (the sampled rows, batch order) -> the
+        requests' ids; a dummy step -> expert 0. Anything else is refused, and inside a marked
+        prompt-logprobs call (:meth:`prompt_logprobs_call`) only a slice within one expert's
+        tokens is accepted.
         """
         n = hidden_states.shape[0]
         dev = hidden_states.device
@@ -120,12 +133,18 @@ class StepState:
                 raise RuntimeError(MISSING_IDS)
             return kernels.ExpertBatch.build(torch.zeros(n, dtype=torch.long, device=dev), self.num_experts)
         off = self._view_offset(hidden_states)
-        if off is not None and off + n <= self.token_ids.shape[0]:
+        if off is not None and off + n > self.token_ids.shape[0]:
+            off = None
+        if self.in_prompt_logprobs:
+            ids = None if off is None else self.token_ids[off: off + n]
+            if ids is None or (n and bool((ids != ids[0]).any())):
+                raise RuntimeError(
+                    f"channelmerge: prompt logprobs: compute_logits got {n} rows that are not one "
+                    "request's slice of this step's hidden states; their experts cannot be known")
+        elif off is not None:
             ids = self.token_ids[off: off + n]
         elif self.request_ids is not None and self.request_ids.shape[0] == n:
             ids = self.request_ids
-        elif n == self.token_ids.shape[0]:
-            ids = self.token_ids
         else:
             raise RuntimeError(
                 f"channelmerge: compute_logits got {n} rows but the step has "

@@ -72,6 +72,25 @@ def test_step_state_tokens_and_rows():
         st.rows_batch(torch.randn(3, 8))
 
 
+def test_rows_that_match_nothing_explicitly_are_refused():
+    """No guessing: rows that are neither one per request nor a slice of the step's hidden
+    states are refused, even when their count equals the step's tokens; inside a marked
+    prompt-logprobs call (the V1 runner marks them) only a slice is accepted, even when the
+    rows happen to be as many as the requests."""
+    st = StepState(3)
+    st.begin(torch.tensor([2, 2, 0, 1]), torch.tensor([2, 0, 1]), 4, torch.device("cpu"))
+    st.hidden = hidden = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="4 rows"):
+        st.rows_batch(torch.randn(4, 8))  # a copy with as many rows as tokens: which tokens?
+    with st.prompt_logprobs_call():
+        assert st.rows_batch(hidden[0:2]).expert_ids.tolist() == [2, 2]
+        with pytest.raises(RuntimeError, match="prompt logprobs"):
+            st.rows_batch(hidden[torch.tensor([0, 2, 3])])  # 3 rows = 3 requests, but not a slice
+        with pytest.raises(RuntimeError, match="prompt logprobs"):
+            st.rows_batch(hidden[1:3])  # a slice across two requests' tokens (experts 2 and 0)
+    assert st.rows_batch(hidden[torch.tensor([1, 2, 3])]).expert_ids.tolist() == [2, 0, 1]
+
+
 def test_rows_without_any_forward_are_refused():
     with pytest.raises(RuntimeError, match="without expert ids"):
         StepState(3).rows_batch(torch.zeros(2, 4))
@@ -86,6 +105,9 @@ class _FakeRunnerBase:
 
     def _dummy_run(self, n):
         return self.model.cm_ctx.step.in_dummy_run
+
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        return self.model.cm_ctx.step.in_prompt_logprobs
 
 
 class _FakeV1Runner(compat.ExpertIdsV1Mixin, _FakeRunnerBase):
@@ -115,6 +137,12 @@ def test_v1_adapter_marks_dummy_runs_only():
     r = _FakeV1Runner({}, [], [])
     assert r._dummy_run(4) is True
     assert r.model.cm_ctx.step.in_dummy_run is False
+
+
+def test_v1_adapter_marks_prompt_logprobs_calls():
+    r = _FakeV1Runner({}, [], [])
+    assert r._get_prompt_logprobs_dict(torch.zeros(2, 4), {}) is True
+    assert r.model.cm_ctx.step.in_prompt_logprobs is False
 
 
 # --- V2 model state (fake DefaultModelState) ----------------------------------------------------------
