@@ -11,7 +11,10 @@ runs, each in a fresh subprocess, alternating:
 
 Reports wall time (best of the repeats), ratio to the floor and peak RSS of each process.
 
-    nice -n 10 python benchmarks/merge_speed.py [--repeats 2] [--method average] [--k 2]
+    nice -n 10 python benchmarks/merge_speed.py [--repeats 2] [--method average] [--k 2] [--budget 0.35]
+
+With ``--budget B`` the merge runs under a memory budget (format v2: its extra allocation pass
+reads every channel tensor once more); the floor is then that output's own tensors.
 """
 
 from __future__ import annotations
@@ -90,13 +93,14 @@ def child_floor(merged: str, out: str) -> dict:
             "write_bytes": wbytes, "peak_rss": peak_rss()}
 
 
-def child_merge(out: str, method: str, k: int) -> dict:
+def child_merge(out: str, method: str, k: int, budget: str = "none") -> dict:
     from merge_tool.config import parse_config
     from merge_tool.merge import run_merge
 
     fam = WORK / "fam"
     cfg = parse_config({"base_model": str(fam / "base"), "num_groups": k, "method": method,
-                        "experts": [{"name": n, "model": str(fam / n)} for n in NAMES]})
+                        "experts": [{"name": n, "model": str(fam / n)} for n in NAMES],
+                        **({} if budget == "none" else {"budget": float(budget)})})
     t0 = time.perf_counter()
     run_merge(cfg, out, force=True, progress=False)
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss()}
@@ -114,11 +118,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--method", default="average")
     ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--budget", type=float, help="merge under this budget (stored params / ensemble)")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_floor(*rest) if kind == "floor" else child_merge(rest[0], rest[1], int(rest[2]))
+        res = child_floor(*rest) if kind == "floor" else child_merge(rest[0], rest[1], int(rest[2]), rest[3])
         print(json.dumps(res))
         return
     build()
@@ -127,17 +132,18 @@ def main() -> None:
     in_bytes = sum(f.stat().st_size for d in ["base", *NAMES] for f in (WORK / "fam" / d).glob("*.safetensors"))
     merges, floors = [], []
     # A first merge so that the floor knows the output's shapes (and the caches are warm for both).
-    merges.append(run_child("merge", str(merged), args.method, str(args.k)))
+    budget = "none" if args.budget is None else str(args.budget)
+    merges.append(run_child("merge", str(merged), args.method, str(args.k), budget))
     for _ in range(args.repeats):
         floors.append(run_child("floor", str(merged), str(floor_out)))
-        merges.append(run_child("merge", str(merged), args.method, str(args.k)))
+        merges.append(run_child("merge", str(merged), args.method, str(args.k), budget))
     shutil.rmtree(floor_out, ignore_errors=True)
     out_bytes = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
     best_m = min(m["seconds"] for m in merges)
     best_f = min(f["seconds"] for f in floors)
     res = {
         "model": "SmolLM2-135M-shaped Llama, random bf16 weights, tied embeddings",
-        "experts": len(NAMES), "num_groups": args.k, "method": args.method,
+        "experts": len(NAMES), "num_groups": args.k, "method": args.method, "budget": args.budget,
         "input_bytes": in_bytes, "output_bytes": out_bytes,
         "merge_seconds": [round(m["seconds"], 2) for m in merges],
         "floor_seconds": [round(f["seconds"], 2) for f in floors],
@@ -153,7 +159,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }
     print(json.dumps(res, indent=1))
-    (WORK / f"result_{args.method}_k{args.k}.json").write_text(json.dumps(res, indent=1))
+    tag = "" if args.budget is None else f"_budget{args.budget}"
+    (WORK / f"result_{args.method}_k{args.k}{tag}.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
