@@ -15,6 +15,10 @@ Results are kept per host kind (AVX2 / AVX-512 / ...): a run replaces only its o
 section of the results file.
 
     nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py [--dtype float32 bfloat16] [--write benchmarks/kernels_RESULTS.md]
+
+``--split S`` runs the same layers as row tables (format v2, a budget merge): only a share S of
+each layer's channels keeps a second row, so the merged layer stores (1 + S) x the dense rows;
+its results are a section of their own.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from vllm_channelmerge.kernels import (  # noqa: E402
     channel_merged_linear,
     choose_strategy,
     prepare_layer,
+    prepare_rows,
     reference_linear,
 )
+from vllm_channelmerge.rowtable import compact_groups  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 N, K = 4, 2
@@ -180,8 +186,13 @@ def run_dtype(dtype: torch.dtype, args, gemm) -> tuple[list, float, list[str]]:
         for name, (out, inp) in SHAPES.items():
             w = (torch.randn(K, out, inp, generator=gen) / inp**0.5).to(dtype)
             gi = group_index(N, K, out, gen)
-            lay[name] = (w, gi, prepare_layer(w, gi, cache=cache, name=name, gemm=plugin),
-                         prepare_layer(w, gi, name=name, gemm=plugin), prepare_layer(w, gi, name=name))
+            if args.split is None:
+                prep = lambda **kw: prepare_layer(w, gi, name=name, **kw)  # noqa: E731
+            else:  # a row table: a share of the channels split, the others one row
+                gi = (gi * (torch.rand(1, out, generator=gen) < args.split)).to(torch.int32)
+                rows, ri, _ = compact_groups(w, gi)
+                prep = lambda **kw: prepare_rows(rows, ri, None, out, name=name, **kw)  # noqa: E731
+            lay[name] = (w, gi, prep(cache=cache, gemm=plugin), prep(gemm=plugin), prep())
         layers.append(lay)
     resid = statistics.mean(f for lay in layers for v in lay.values() for f in v[3].residual_fraction)
     dense_w = [{n: v[3].expert_weight(1)[0].contiguous() for n, v in lay.items()} for lay in layers]
@@ -244,6 +255,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: float32, and bfloat16 where the CPU has native bf16")
+    ap.add_argument("--split", type=float, default=None,
+                    help="row tables (format v2) with this share of channels split (default: K=2 groups)")
     args = ap.parse_args()
     dtypes = args.dtype or (["float32", "bfloat16"] if native_bf16() else ["float32"])
     torch.manual_seed(0)
@@ -251,7 +264,8 @@ def main() -> None:
     gemm = vllm_gemm()
     when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     host = host_line()
-    out = [f"## {kk.host_kind()}", "",
+    kind = kk.host_kind() + ("" if args.split is None else f", row tables with {args.split:.0%} of channels split")
+    out = [f"## {kind}", "",
            f"Host: {host}. torch {torch.__version__}, {torch.get_num_threads()} thread(s); {when}.  ",
            f"Command: `nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py {' '.join(sys.argv[1:])}`  ",
            f"Plugin GEMM backend: {gemm.name if gemm else 'torch F.linear (vLLM not importable)'}.", ""]
@@ -261,11 +275,12 @@ def main() -> None:
         meta = (f"Microseconds ({'thread CPU time' if args.threads == 1 else 'wall clock'}) per decoder layer "
                 f"(4 linears), best of {args.reps} interleaved runs (prefill: {max(3, args.reps // 4)}); {dt}; "
                 f"N={N}, K={K}; mean residual fraction {resid:.2f}; {args.layers} distinct layers in turn; "
-                f"prepacked GEMMs: {', '.join(paths)}.")
+                + ("" if args.split is None else f"row tables storing {1 + args.split:.2f}x the dense rows (expected); ")
+                + f"prepacked GEMMs: {', '.join(paths)}.")
         print(f"### {dt}\n\n{meta}\n\n{tab}\n\n{note}\n")
         out += [f"### {dt}", "", meta, "", tab, "", note, ""]
     if args.write:
-        write_sections(Path(args.write), HEADER, kk.host_kind(), "\n".join(out))
+        write_sections(Path(args.write), HEADER, kind, "\n".join(out))
 
 
 if __name__ == "__main__":

@@ -430,3 +430,22 @@ def test_replaced_state_without_bias_does_not_share_cache_entries():
     without = channel_merged_linear(x, nob, one, "hot_cache")
     torch.testing.assert_close(with_b, reference_linear(x, w, gi, one.expert_ids, b))
     torch.testing.assert_close(without, reference_linear(x, w, gi, one.expert_ids))
+
+
+def test_cost_of_all_groups_counts_the_select_it_runs():
+    """Row tables select with an int64 gather (every output element), v1 groups with masks
+    (per group beyond the first): the cost rule charges each its own constant."""
+    w, gi, _, st_v1 = make_layer(4, 2, 32, 16, torch.float32, False)
+    rows, ri, _ = compact_groups(w, gi)
+    st_rows = prepare_rows(rows, ri, None, 32)
+    assert st_v1.lerp_select and not st_rows.lerp_select
+    batch = ExpertBatch.build(torch.arange(64) % 4, 4)
+    base = kk.CostModel()
+    gathered = kk.CostModel(select_gather=5.0)
+    masked = kk.CostModel(select=3.0)
+    extra = 64 / 16
+    assert kk.strategy_costs(batch, st_rows, gathered)["all_groups"] == pytest.approx(
+        kk.strategy_costs(batch, st_rows, base)["all_groups"] + 5.0 * extra)
+    assert kk.strategy_costs(batch, st_rows, masked)["all_groups"] == kk.strategy_costs(batch, st_rows, base)["all_groups"]
+    assert kk.strategy_costs(batch, st_v1, masked)["all_groups"] == pytest.approx(
+        kk.strategy_costs(batch, st_v1, base)["all_groups"] + 3.0 * extra)

@@ -466,13 +466,19 @@ class LayerState:
         group g, in the rows' dtype (``all_groups`` selects with them); None for a row table, or
         where a stray Inf from a group a token does not use could turn into NaN (float16): then
         the int64 gather is used."""
-        if self.groups is None or self.rows.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        if not self.lerp_select:
             return None
         m = self.packs.get("masks")
         if m is None:
             gi = self.row_index // max(1, self.out_features)
             m = self.packs["masks"] = [(gi == g).to(self.rows.dtype) for g in range(1, self.groups)]
         return m
+
+    @property
+    def lerp_select(self) -> bool:
+        """Whether ``all_groups`` selects with masks (v1 groups, a dtype where that is exact and
+        safe) rather than with an int64 gather (row tables; float16)."""
+        return self.groups is not None and self.rows.dtype in (torch.float32, torch.bfloat16, torch.float64)
 
     def prepack(self) -> "LayerState":
         """Pack what every strategy may need, once, at load: all rows and the primary rows."""
@@ -902,9 +908,11 @@ class CostModel:
     copies: :class:`GemmFactory`) relative to the plain ``F.linear`` a per-call gather gets; 1
     where both are the same kernel (the plain factory, AVX2 hosts), below 1 where vLLM's
     prepacked CPU GEMM is faster (see :func:`prepacked_cpu_cost`).
-    ``select`` / ``scatter``: cost of picking one output element of ``all_groups`` / writing one
-    residual element of ``majority_residual``, in units of one weight element's pass (0: not
-    modelled, as in the AVX2 calibration); they weigh at prefill sizes.
+    ``select`` / ``scatter``: cost of picking one output element of ``all_groups`` (per group
+    beyond the first, with masks) / writing one residual element of ``majority_residual``, in
+    units of one weight element's pass (0: not modelled, as in the AVX2 calibration); they weigh
+    at prefill sizes. ``select_gather``: the same for ``all_groups``' int64 gather (row tables,
+    float16), per output element.
     """
 
     flop_per_token: float = 0.12
@@ -915,6 +923,7 @@ class CostModel:
     packed: float = 1.0
     select: float = 0.0
     scatter: float = 0.0
+    select_gather: float = 0.0
 
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> "CostModel":
@@ -953,12 +962,13 @@ def prepacked_cpu_cost(dtype: torch.dtype, flags: Optional[dict[str, bool]] = No
 _AVX512_COST = {
     # F.linear T=1 ~1.0 ms per SmolLM2 layer (4 linears); +3.6% a token; oneDNN ~0.9x of it;
     # a gather ~2.2 passes; the lerp select ~2.9, a residual scatter ~22 weight elements each.
+    # The gather select of a row table (kernels_cpu.py --split 0.5): ~7 weight elements' time.
     torch.float32: CostModel(flop_per_token=0.036, gather=2.2, launch_us=10.0, bytes_per_us=14e3, packed=0.9,
-                             select=2.9, scatter=22.0),
+                             select=2.9, scatter=22.0, select_gather=7.0),
     # bf16: F.linear T=1 ~1.0 ms too (no faster than float32 at decode), +0.74% a token;
     # vLLM's oneDNN / AMX GEMM ~0.72x of it; a gather ~0.84 passes.
     torch.bfloat16: CostModel(flop_per_token=0.0074, gather=0.84, launch_us=10.0, bytes_per_us=7.2e3, packed=0.72,
-                              select=2.0, scatter=23.0),
+                              select=2.0, scatter=23.0, select_gather=11.0),
 }
 
 
@@ -969,7 +979,8 @@ def strategy_costs(
 
     dense(t)          = 1 + a*t                            (a = flop_per_token, L = launch)
     packed(t)         = p * dense(t)                       (p = packed: a prepacked weight)
-    all_groups        = K * packed(T) + L + (K - 1) * select * T / in   (K = rows / out)
+    all_groups        = K * packed(T) + L + (K - 1) * select * T / in   (K = rows / out; masks)
+                        K * packed(T) + L + select_gather * T / in       (an int64 gather)
     per_expert_gather = sum_e [gather_e + dense(t_e) + L]; a one-group expert: packed(t_e) + L
     hot_cache         = per_expert_gather with packed(t_e) + L for experts already cached
     majority_residual = packed(T) + L + sum_e [r_e * (gather + dense(t_e) + scatter * t_e / in) + L]
@@ -983,7 +994,8 @@ def strategy_costs(
     def d(n: int) -> float:
         return 1.0 + a * n
 
-    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + (k - 1) * cost.select * t * per_in}
+    select = (k - 1) * cost.select if state.lerp_select else cost.select_gather
+    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + select * t * per_in}
     pe = hc = mr = 0.0
     for e, n in zip(batch.experts, batch.counts):
         plain = cost.gather + d(n) + lc
