@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from benchmarks.servers import free_port
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "engine_script.py"
@@ -96,12 +97,6 @@ def reference_run(merged_family, vllm_env, tmp_path_factory) -> dict:
     return _json_run(["ref", str(out), *pairs], out, vllm_env)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Example prompts for the `auto` router of the test checkpoint: each expert its own words.
 ROUTER_WORDS = {
     "math": ["add", "plus", "sum", "seven", "nine", "number", "total", "minus"],
@@ -133,7 +128,7 @@ def server(merged_family, vllm_env, tmp_path_factory):
     import requests
 
     train_test_router(merged_family["merged"], tmp_path_factory.mktemp("router"))
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "merge_tool.cli", "serve",  # = `channelmerge serve DIR ...`
            str(merged_family["merged"]), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
