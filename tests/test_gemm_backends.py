@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernels_cpu import group_index as make_group_index
 from vllm_channelmerge import kernels as kk
 from vllm_channelmerge.kernels import (
     ExpertBatch,
@@ -47,15 +48,6 @@ class FakePacked(GemmFactory):
         fn.path = "fake"
         fn.copies = True
         return fn
-
-
-def make_group_index(n, k, out, gen):
-    gi = torch.randint(0, k, (n, out), generator=gen)
-    sizes = torch.stack([(gi == g).sum(0) for g in range(k)])
-    rank = torch.argsort(sizes, dim=0, descending=True, stable=True)
-    relabel = torch.empty_like(rank)
-    relabel.scatter_(0, rank, torch.arange(k).unsqueeze(1).expand(k, out).contiguous())
-    return relabel.gather(0, gi).to(torch.int32)
 
 
 def make(n, k, out, inp, dtype, bias, gemm, seed=0, cache=None, uniform_expert=None):

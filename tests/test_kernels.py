@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernels_cpu import group_index as make_group_index
 from vllm_channelmerge import kernels as kk
 from vllm_channelmerge.rowtable import compact_groups, from_groups
 from vllm_channelmerge.kernels import (
@@ -31,16 +32,6 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2
 def _seed_global_rng():
     """Draws without a generator are the same in every run, whatever ran before."""
     torch.manual_seed(0)
-
-
-def make_group_index(n: int, k: int, out: int, gen: torch.Generator) -> torch.Tensor:
-    """Random per-channel partitions into <= k groups, relabelled so group 0 is the largest."""
-    gi = torch.randint(0, k, (n, out), generator=gen)
-    sizes = torch.stack([(gi == g).sum(0) for g in range(k)])  # [k, out]
-    rank = torch.argsort(sizes, dim=0, descending=True, stable=True)  # rank[r, c] = old label
-    relabel = torch.empty_like(rank)
-    relabel.scatter_(0, rank, torch.arange(k).unsqueeze(1).expand(k, out).contiguous())
-    return relabel.gather(0, gi).to(torch.int32)
 
 
 def make_layer(n, k, out, inp, dtype, bias, seed=0, cache=None):
