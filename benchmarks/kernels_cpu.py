@@ -127,6 +127,7 @@ def native_bf16() -> bool:
 
 
 def group_index(n: int, k: int, out: int, gen: torch.Generator) -> torch.Tensor:
+    """Random per-channel partitions into <= k groups, relabelled so group 0 is the largest."""
     gi = torch.randint(0, k, (n, out), generator=gen)
     sizes = torch.stack([(gi == g).sum(0) for g in range(k)])
     rank = torch.argsort(sizes, dim=0, descending=True, stable=True)
