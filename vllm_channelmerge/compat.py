@@ -788,9 +788,17 @@ class ExpertIdsV1Mixin:
             return super()._dummy_run(*args, **kwargs)
 
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
-        # Each compute_logits call in here gets one request's slice of the step's hidden
-        # states; marking them lets the lm_head refuse anything else instead of guessing.
-        with self._cm_step().prompt_logprobs_call():
+        # Each compute_logits call in here gets hidden_states[start : start + n] of one request
+        # (start = its first row in the step): the lm_head is told each such request's start and
+        # expert, and refuses any other rows instead of guessing.
+        n_experts = self.model.cm_config.num_experts
+        rows = {}
+        for req_id in self.num_prompt_logprobs:
+            idx = self.input_batch.req_id_to_index.get(req_id)
+            if idx is not None and req_id in num_scheduled_tokens:
+                rows[int(self.query_start_loc.np[idx])] = admitted_expert(
+                    self.requests[req_id].sampling_params, n_experts)
+        with self._cm_step().prompt_logprobs_call(rows):
             return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
 
 

@@ -61,7 +61,9 @@ class StepState:
         self._token_batch: Optional[kernels.ExpertBatch] = None
         self._row_batches: dict = {}
         self.logits_batch: Optional[kernels.ExpertBatch] = None  # set around the lm_head call
-        self.in_prompt_logprobs = False  # inside a runner's prompt-logprobs computation
+        # Inside a runner's prompt-logprobs computation: {first row of a request in the step's
+        # hidden states: that request's expert}, as the runner gave them; None outside.
+        self.prompt_logprob_rows: Optional[dict[int, int]] = None
         self.steps = 0
 
     @contextlib.contextmanager
@@ -73,15 +75,20 @@ class StepState:
         finally:
             self.in_dummy_run = prev
 
+    @property
+    def in_prompt_logprobs(self) -> bool:
+        return self.prompt_logprob_rows is not None
+
     @contextlib.contextmanager
-    def prompt_logprobs_call(self) -> Iterator[None]:
-        """Marks the runner's prompt-logprobs computation: every compute_logits call inside it
-        must get one request's slice of the step's hidden states."""
-        prev, self.in_prompt_logprobs = self.in_prompt_logprobs, True
+    def prompt_logprobs_call(self, request_rows: dict[int, int]) -> Iterator[None]:
+        """The runner's prompt-logprobs computation, with each request's first row in the step
+        and its expert (explicit, from the runner): every compute_logits call inside it must get
+        a slice that starts at one of those rows, and its rows get that request's expert."""
+        prev, self.prompt_logprob_rows = self.prompt_logprob_rows, dict(request_rows)
         try:
             yield
         finally:
-            self.in_prompt_logprobs = prev
+            self.prompt_logprob_rows = prev
 
     def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
               num_tokens: int, device: torch.device) -> None:
@@ -120,11 +127,12 @@ class StepState:
     def rows_batch(self, hidden_states: torch.Tensor) -> kernels.ExpertBatch:
         """ExpertBatch for the rows given to compute_logits.
 
-        A slice of the last forward's hidden states (prompt logprobs: one request's tokens) ->
-        those tokens' ids; otherwise one row per request (the sampled rows, batch order) -> the
-        requests' ids; a dummy step -> expert 0. Anything else is refused, and inside a marked
-        prompt-logprobs call (:meth:`prompt_logprobs_call`) only a slice within one expert's
-        tokens is accepted.
+        Inside the runner's prompt-logprobs computation (:meth:`prompt_logprobs_call`): a slice of
+        the step's hidden states that starts at a request's first row -> that request's expert,
+        as the runner gave it (and the step's own token ids must agree). Otherwise: one row per
+        request (the sampled rows, batch order) -> the requests' ids; a slice of the hidden
+        states (a runner that does not mark its prompt-logprobs calls, V2) -> those tokens' ids;
+        a dummy step -> expert 0. Anything else is refused.
         """
         n = hidden_states.shape[0]
         dev = hidden_states.device
@@ -135,12 +143,14 @@ class StepState:
         off = self._view_offset(hidden_states)
         if off is not None and off + n > self.token_ids.shape[0]:
             off = None
-        if self.in_prompt_logprobs:
-            ids = None if off is None else self.token_ids[off: off + n]
-            if ids is None or (n and bool((ids != ids[0]).any())):
+        if self.prompt_logprob_rows is not None:
+            expert = None if off is None else self.prompt_logprob_rows.get(off)
+            if expert is None or bool((self.token_ids[off: off + n] != expert).any()):
                 raise RuntimeError(
-                    f"channelmerge: prompt logprobs: compute_logits got {n} rows that are not one "
-                    "request's slice of this step's hidden states; their experts cannot be known")
+                    f"channelmerge: prompt logprobs: compute_logits got {n} rows that are not a slice "
+                    "of this step's hidden states starting at a request's first token (or their "
+                    "token ids disagree with the request); their expert cannot be known")
+            ids = torch.full((n,), expert, dtype=torch.long, device=dev)
         elif off is not None:
             ids = self.token_ids[off: off + n]
         elif self.request_ids is not None and self.request_ids.shape[0] == n:

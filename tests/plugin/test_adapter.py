@@ -82,12 +82,16 @@ def test_rows_that_match_nothing_explicitly_are_refused():
     st.hidden = hidden = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="4 rows"):
         st.rows_batch(torch.randn(4, 8))  # a copy with as many rows as tokens: which tokens?
-    with st.prompt_logprobs_call():
+    with st.prompt_logprobs_call({0: 2, 2: 0}):  # requests starting at rows 0 and 2
         assert st.rows_batch(hidden[0:2]).expert_ids.tolist() == [2, 2]
+        assert st.rows_batch(hidden[2:3]).expert_ids.tolist() == [0]
         with pytest.raises(RuntimeError, match="prompt logprobs"):
             st.rows_batch(hidden[torch.tensor([0, 2, 3])])  # 3 rows = 3 requests, but not a slice
         with pytest.raises(RuntimeError, match="prompt logprobs"):
-            st.rows_batch(hidden[1:3])  # a slice across two requests' tokens (experts 2 and 0)
+            st.rows_batch(hidden[1:3])  # starts inside a request
+    with st.prompt_logprobs_call({0: 1}):  # the runner's expert disagrees with the step's ids
+        with pytest.raises(RuntimeError, match="disagree"):
+            st.rows_batch(hidden[0:2])
     assert st.rows_batch(hidden[torch.tensor([1, 2, 3])]).expert_ids.tolist() == [2, 0, 1]
 
 
@@ -107,7 +111,7 @@ class _FakeRunnerBase:
         return self.model.cm_ctx.step.in_dummy_run
 
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
-        return self.model.cm_ctx.step.in_prompt_logprobs
+        return dict(self.model.cm_ctx.step.prompt_logprob_rows)
 
 
 class _FakeV1Runner(compat.ExpertIdsV1Mixin, _FakeRunnerBase):
@@ -115,7 +119,8 @@ class _FakeV1Runner(compat.ExpertIdsV1Mixin, _FakeRunnerBase):
         self.model = types.SimpleNamespace(cm_config=CM, cm_ctx=types.SimpleNamespace(step=StepState(3)))
         self.requests = {r: types.SimpleNamespace(sampling_params=_params({compat.EXPERT_INDEX_KEY: e}))
                          for r, e in reqs.items()}
-        self.input_batch = types.SimpleNamespace(num_reqs=len(order), req_ids=order)
+        self.input_batch = types.SimpleNamespace(num_reqs=len(order), req_ids=order,
+                                                 req_id_to_index={r: i for i, r in enumerate(order)})
         qsl = np.zeros(len(order) + 1, dtype=np.int32)
         qsl[1:] = np.cumsum(counts)
         self.query_start_loc = types.SimpleNamespace(np=qsl)
@@ -139,9 +144,12 @@ def test_v1_adapter_marks_dummy_runs_only():
     assert r.model.cm_ctx.step.in_dummy_run is False
 
 
-def test_v1_adapter_marks_prompt_logprobs_calls():
-    r = _FakeV1Runner({}, [], [])
-    assert r._get_prompt_logprobs_dict(torch.zeros(2, 4), {}) is True
+def test_v1_adapter_gives_prompt_logprobs_rows_their_requests_experts():
+    """The lm_head learns, from the runner, where each prompt-logprobs request starts in the
+    step and its expert; requests not scheduled this step are left out."""
+    r = _FakeV1Runner({"a": 1, "b": 0, "c": 2}, ["c", "a", "b"], [2, 1, 3])
+    r.num_prompt_logprobs = {"a": 3, "b": 2, "z": 1}
+    assert r._get_prompt_logprobs_dict(torch.zeros(6, 4), {"a": 1, "b": 3}) == {2: 1, 3: 0}
     assert r.model.cm_ctx.step.in_prompt_logprobs is False
 
 
