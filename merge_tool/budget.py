@@ -10,6 +10,9 @@ chosen partition, and the rows beyond the first go where they remove the most er
    experts may leave fewer than k). The error is the criterion's: `weight` and
    `weight_per_tensor` (the squared weight error of the in-group average against each expert,
    summed over experts), or `method` (the same after the configured in-group method).
+   `weight_relative` divides each tensor's errors by its total error with one row per channel,
+   so that tensors of different scale (norms folded into q/k/v and gate/up, say) compete on
+   the share of their own error a row removes.
 2. `allocate` turns the curves into a per-channel choice of k under the budget. Each channel's
    curve (rows, error) is reduced to its lower convex hull, so that its steps (one or more
    rows) have non-increasing error removed per stored parameter; all steps of all tensors are
@@ -34,7 +37,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("weight", "weight_per_tensor", "method")
+CRITERIA = ("weight", "weight_relative", "weight_per_tensor", "method")
 
 
 @dataclass
@@ -160,12 +163,20 @@ def allocate(curves: list[Curve], available: float, criterion: str = "weight") -
     budget units (on top of one row per channel)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown budget criterion {criterion!r}; allowed: {', '.join(CRITERIA)}")
+    if criterion == "weight_relative":
+        curves = [relative(cv) for cv in curves]
     steps = [hull_steps(cv.error, cv.groups) for cv in curves]
     if criterion == "weight_per_tensor":
         taken = _per_tensor_share(curves, steps, available)
     else:
         taken = _global_greedy(curves, steps, available)
     return {cv.name: _choice(st, tk) for cv, st, tk in zip(curves, steps, taken)}
+
+
+def relative(cv: Curve) -> Curve:
+    """The curve with its errors divided by the tensor's total error at one row per channel."""
+    total = float(cv.error[:, 0].sum())
+    return Curve(cv.name, cv.error / total if total > 0 else cv.error, cv.groups, cv.row_cost)
 
 
 def _choice(st: Steps, taken: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 METHODS = tuple(_methods.METHODS)  # the registry's names, in its order
 SIMILARITIES = ("cosine", "euclidean")
 # How a merge under a `budget` measures the error a channel's extra rows remove (merge_tool/budget.py).
-BUDGET_CRITERIA = ("weight", "weight_per_tensor", "method")
+BUDGET_CRITERIA = ("weight", "weight_relative", "weight_per_tensor", "method")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -264,7 +264,7 @@ class MergeConfig(BaseModel):
                           "(format v2); absent: K rows everywhere (format v1)")
     budget_bytes: Optional[int | str] = Field(
         None, description="as `budget`, in bytes of tensor data (a size such as 24GB)")
-    budget_criterion: Optional[Literal["weight", "weight_per_tensor", "method"]] = Field(
+    budget_criterion: Optional[Literal["weight", "weight_relative", "weight_per_tensor", "method"]] = Field(
         None, description="what an extra row must reduce (default weight); only with a budget")
 
     @model_validator(mode="before")

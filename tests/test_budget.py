@@ -147,6 +147,18 @@ def test_weight_per_tensor_gives_every_tensor_the_same_share():
     assert float((glob["t0"] - 1).sum()) / 100 > shares[0]
 
 
+def test_weight_relative_compares_tensors_on_their_own_scale():
+    """Two tensors with the same curves up to a factor 1000 (a norm folded into one, say):
+    `weight` spends everything on the large one, `weight_relative` on both alike."""
+    err = torch.linspace(1.0, 2.0, 40, dtype=torch.float64).unsqueeze(1) * torch.tensor([1.0, 0.2], dtype=torch.float64)
+    groups = torch.tensor([1, 2]).repeat(40, 1)
+    small, large = budget.Curve("small", err, groups, 1.0), budget.Curve("large", 1000 * err, groups, 1.0)
+    glob = budget.allocate([small, large], 40.0, "weight")
+    assert int((glob["large"] - 1).sum()) == 40 and int((glob["small"] - 1).sum()) == 0
+    rel = budget.allocate([small, large], 40.0, "weight_relative")
+    assert int((rel["large"] - 1).sum()) == 20 == int((rel["small"] - 1).sum())
+
+
 # -- the merge under a budget ----------------------------------------------------------------------
 
 
@@ -372,7 +384,7 @@ def test_the_criteria(llama_family, tmp_path):
     ({"budget": 0.3, "budget_bytes": "2MB"}, "budget and budget_bytes are mutually exclusive"),
     ({"budget_criterion": "weight"}, "budget_criterion is 'weight' but there is no budget"),
     ({"budget": 0.3, "budget_criterion": "loss"},
-     "budget_criterion: got 'loss'; allowed values: weight, weight_per_tensor, method"),
+     "budget_criterion: got 'loss'; allowed values: weight, weight_relative, weight_per_tensor, method"),
     ({"budget": 0}, "budget: is 0; it must be in (0, 1]"),
     ({"budget": 1.5}, "budget: is 1.5; it must be in (0, 1]"),
     ({"budget": "35%"}, "budget: expected a number"),
