@@ -17,6 +17,12 @@ System names:
 - ``auto_k{K}_{method}``: the ``channel_k{K}_{method}`` checkpoint with a router, model ``auto``;
 - ``expert_{task}``: one expert alone, stock vLLM, scored on its own task;
 - ``base``: the base model, stock vLLM;
+- ``lora_r{R}``: the multi-LoRA peer: each expert extracted as a rank-R LoRA by mergekit
+  (``lora.py``), all four served by one stock vLLM server on the base (``--enable-lora
+  --lora-modules arith=DIR ... --max-lora-rank R --max-loras 4``), each task scored with
+  ``model=<task>`` (R in 16, 32, 64, 128, 256; any of vLLM's ranks 8..512 is accepted). A base
+  request is never sent to a LoRA server: on CPU, vLLM 0.32 serves a plain base-model request
+  with another adapter's delta once adapters are loaded (an upstream bug);
 - ``ensemble`` is derived (not served): each task scored by its own expert (the four
   ``expert_*`` rows), 4x the parameters (params ratio 1.0).
 
@@ -32,6 +38,7 @@ The single-model merges (K=1) are the classic ones: norms merged with the method
 and keep the final norm per expert (exact, ``docs/format.md``).
 
     python -m benchmarks.quality.compare --systems channel_k2_average single_average
+    python -m benchmarks.quality.compare --systems lora_r16 lora_r32 lora_r64 lora_r128 lora_r256
     python -m benchmarks.quality.compare --split val --systems channel_k2_ties@density=0.3
     python -m benchmarks.quality.compare --report-only        # rewrite RESULTS.md + plot
 """
@@ -52,6 +59,7 @@ from typing import Any, Optional
 
 from benchmarks.servers import free_port, wait_until_ready
 
+from . import lora
 from .base_model import BASE_DIR, EXPERTS_DIR
 from .evaluate import OpenAIGenerator, evaluate, machine_info
 from .tasks import TASKS
@@ -120,6 +128,11 @@ def _hp(spec: dict[str, Any]) -> str:
 
 def _parse_name(name: str) -> dict[str, Any]:
     parts = name.split("_")
+    if parts[0] == "lora" and len(parts) == 2 and parts[1].startswith("r") and parts[1][1:].isdigit():
+        rank = int(parts[1][1:])
+        if rank not in lora.VLLM_MAX_LORA_RANKS:
+            raise ValueError(f"{name}: vLLM serves LoRA ranks {lora.VLLM_MAX_LORA_RANKS}")
+        return {"kind": "lora", "num_groups": None, "method": None, "lora_rank": rank}
     if name == "base":
         return {"kind": "base", "num_groups": None, "method": None}
     if parts[0] == "expert" and len(parts) == 2 and parts[1] in TASKS:
@@ -134,7 +147,7 @@ def _parse_name(name: str) -> dict[str, Any]:
         return {"kind": "channel" if parts[0] == "channel" else "auto", "num_groups": k,
                 "method": "_".join(parts[2:])}
     raise ValueError(f"unknown system {name!r} (base, expert_<task>, single_<method>, "
-                     f"channel_k<K>_<method>, auto_k<K>_<method>; methods: {', '.join(METHODS)})")
+                     f"channel_k<K>_<method>, auto_k<K>_<method>, lora_r<R>; methods: {', '.join(METHODS)})")
 
 
 def merged_dir(spec: dict[str, Any]) -> Path:
@@ -208,6 +221,8 @@ def merge_error(model_dir: Path) -> dict[str, Any]:
 def params_ratio(spec: dict[str, Any], model_dir: Path) -> float:
     if spec["kind"] in ("expert", "base"):
         return 1.0 / len(TASKS)  # one model of the four
+    if spec["kind"] == "lora":  # (base + the four adapters) / (4 x base), counted in the files
+        return lora.params_ratio(spec["lora_rank"], list(TASKS))
     from merge_tool.inspect import inspect_checkpoint
 
     return inspect_checkpoint(model_dir)["params_ratio"]
@@ -215,8 +230,16 @@ def params_ratio(spec: dict[str, Any], model_dir: Path) -> float:
 
 # ----------------------------------------------------------------------------- servers
 
-def server_cmd(spec: dict[str, Any], model_dir: Path, served: Optional[str], port: int) -> list[str]:
-    """Stock vLLM (serving the model as `served`) for an expert or the base; else channelmerge."""
+def server_cmd(spec: dict[str, Any], model_dir: Path, served: Optional[str], port: int,
+               adapters: Optional[dict[str, Path]] = None) -> list[str]:
+    """Stock vLLM (serving the model as `served`) for an expert or the base; stock vLLM
+    multi-LoRA on the base for `lora_r{R}` (`adapters`: name -> adapter folder); else channelmerge."""
+    if spec["kind"] == "lora":
+        assert adapters
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                "--served-model-name", str(served), "--port", str(port), "--enable-lora",
+                "--lora-modules", *(f"{n}={p}" for n, p in adapters.items()),
+                "--max-lora-rank", str(spec["lora_rank"]), "--max-loras", str(len(adapters)), *SERVER_ARGS]
     if spec["kind"] in ("expert", "base"):
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                 "--served-model-name", str(served), "--port", str(port), *SERVER_ARGS]
@@ -284,8 +307,12 @@ def _group_alive(pgid: int) -> bool:
 
 def measure(name: str, concurrency: int, limit: Optional[int], split: str = "test") -> dict[str, Any]:
     spec = parse_system(name)
+    adapters: Optional[dict[str, Path]] = None
     if spec["kind"] == "expert":
         model_dir, tasks, served = _abs(EXPERTS_DIR / spec["task"]), [spec["task"]], spec["task"]
+    elif spec["kind"] == "lora":  # the base serves under a name no request uses (see the module docstring)
+        adapters = {t: lora.extract(t, spec["lora_rank"]) for t in TASKS}
+        model_dir, tasks, served = _abs(BASE_DIR), list(TASKS), "base-not-queried"
     elif spec["kind"] == "base":
         model_dir, tasks, served = _abs(BASE_DIR), list(TASKS), "base"
     else:
@@ -300,11 +327,16 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
                              "params_ratio": params_ratio(spec, model_dir), "accuracy": {}}
     if spec["kind"] in ("channel", "single_merge", "auto"):
         entry["merge_error"] = merge_error(model_dir)
-    with Server(server_cmd(spec, model_dir, served, port), port, WORK / "logs" / f"{name}.log") as srv:
+    if spec["kind"] == "lora":
+        entry["lora_rank"] = spec["lora_rank"]
+        entry["lora"] = {t: {k: v for k, v in lora.info(t, spec["lora_rank"]).items() if k != "command"}
+                         for t in TASKS}
+        entry["lora_dirs"] = {t: str(p.relative_to(ROOT)) for t, p in adapters.items()}
+    with Server(server_cmd(spec, model_dir, served, port, adapters), port, WORK / "logs" / f"{name}.log") as srv:
         entry["server_start_seconds"] = srv.start_seconds
         routed: dict[str, dict[str, int]] = {}
         for t in tasks:
-            model = served or ("auto" if spec["kind"] == "auto" else t)
+            model = t if spec["kind"] == "lora" else served or ("auto" if spec["kind"] == "auto" else t)
             gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model, concurrency=concurrency)
             res = evaluate(gen, [t], split, limit, verbose=True)
             entry["accuracy"][t] = res["accuracy"][t]
@@ -323,8 +355,12 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
                         if len(entry["accuracy"]) == len(TASKS) else None)
     if spec["kind"] == "expert":
         entry["note"] = "scored on its own task only"
+    if spec["kind"] == "lora":
+        entry["note"] = ("each task scored with model=<task> (its adapter); no base-model request is sent to a "
+                         "LoRA server (vLLM 0.32 CPU serves it with another adapter's delta: upstream bug)")
     entry["model_dir"] = str(model_dir.relative_to(ROOT))
-    entry["server"] = "stock vLLM" if spec["kind"] in ("expert", "base") else "channelmerge serve"
+    entry["server"] = {"expert": "stock vLLM", "base": "stock vLLM",
+                       "lora": "stock vLLM multi-LoRA"}.get(spec["kind"], "channelmerge serve")
     entry["items_per_task"] = limit or (200 if split == "test" else 100)
     entry["seconds"] = round(time.time() - t0, 1)
     entry["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -357,7 +393,7 @@ def save_results(res: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- report
 
-ORDER = {"ensemble": 0, "expert": 1, "channel": 2, "auto": 3, "single_merge": 4, "base": 5}
+ORDER = {"ensemble": 0, "expert": 1, "channel": 2, "auto": 3, "single_merge": 4, "lora": 5, "base": 6}
 
 
 def _pct(x: Optional[float]) -> str:
@@ -387,6 +423,14 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
                        and not s.get("parameters"))
         if curve:
             ax.plot(*zip(*curve), marker="D", linestyle="--", color=color, label=f"{m}, budget (1..K rows)")
+    # The multi-LoRA peer: mergekit-extracted rank-R adapters on stock vLLM, one point per rank.
+    lora_pts = sorted((s["params_ratio"], 100 * s["average"], s["lora_rank"]) for s in pts.values()
+                      if s["kind"] == "lora")
+    if lora_pts:
+        ax.plot([p[0] for p in lora_pts], [p[1] for p in lora_pts], marker="^", linestyle=":", color="tab:brown",
+                label="vLLM multi-LoRA (mergekit extract, rank R)")
+        for x, y, r in lora_pts:
+            ax.annotate(f"r{r}", (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7, color="tab:brown")
     marks = {"ensemble": ("black", "s"), "auto": ("tab:purple", "*"), "base": ("tab:gray", "v")}
     for n, s in pts.items():
         if s["kind"] in marks:
@@ -407,20 +451,81 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
     return path
 
 
+def lora_section(res: dict[str, Any], systems: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The multi-LoRA peer: how each adapter was made and what it holds, and the channel merge
+    (default hyperparameters, no budget) nearest in parameters to each rank."""
+    rows = [(n, s) for n, s in systems if s["kind"] == "lora"]
+    if not rows:
+        return []
+    lines = ["## Multi-LoRA peer (`lora_r*`)", "",
+             "Each expert extracted by mergekit 0.1.5 (`python -m mergekit.scripts.extract_lora --model EXPERT "
+             "--base-model BASE --out-path OUT --max-rank R --skip-undecomposable -e 'embed_tokens|lm_head' "
+             "--no-copy-tokenizer`, absolute paths; a truncated SVD of each linear layer's delta, rank "
+             "min(R, rows, columns)), the four adapters served by one stock vLLM server on the base "
+             "(`--enable-lora --lora-modules arith=DIR ... --max-lora-rank R --max-loras 4`, same flags as "
+             "above), each task requested with `model=<task>`. The adapters load in vLLM as mergekit writes "
+             "them (no post-processing). Params ÷ ensemble = (base + the four adapters' parameters) ÷ "
+             "(4 × base). Shares of each expert's delta (squared L2 over all tensors): *dropped* = tensors "
+             "with no LoRA (the RMSNorm weights; the embeddings / tied lm_head are excluded, and equal to the "
+             "base's for these experts), *truncated* = what the rank-R SVD leaves out of the linear layers. "
+             "Extraction: wall-clock seconds per expert (CPU seconds), on the shared CPU above.", "",
+             "No base-model request is sent to a LoRA server: on CPU, vLLM 0.32 serves a plain base-model "
+             "request with another adapter's delta once adapters are loaded (an upstream bug), so the base row "
+             "comes from its own server.", "",
+             "| system | expert | adapter params | dropped (norms) | truncated | kept | extraction s (CPU s) |",
+             "|---|---|---|---|---|---|---|"]
+    for n, s in rows:
+        for t in res["tasks"]:
+            i = s.get("lora", {}).get(t)
+            if i:
+                lines.append(f"| `{n}` | {t} | {i['adapter_params']:,} | {100 * i['dropped_share']:.3f}% | "
+                             f"{100 * i['truncation_share']:.1f}% | {100 * i['kept_share']:.1f}% | "
+                             f"{i['extract_seconds']:.0f} ({i.get('extract_cpu_seconds', float('nan')):.0f}) |")
+    lines.append("")
+    merges = [(n, s) for n, s in systems if s["kind"] in ("channel", "single_merge") and s.get("average") is not None
+              and not s.get("parameters") and not s.get("budget")]
+    if merges:
+        lines += ["Nearest merge in parameters (default hyperparameters):", ""]
+        for n, s in rows:
+            if s.get("average") is None:
+                continue
+            near = min((ms["params_ratio"] for _, ms in merges), key=lambda x: abs(x - s["params_ratio"]))
+            same = ", ".join(f"`{m}` {_pct(ms['average'])}" for m, ms in merges if abs(ms["params_ratio"] - near) < 1e-6)
+            lines.append(f"- `{n}` ({s['params_ratio']:.3f}): {_pct(s['average'])}; at {near:.3f}: {same}")
+        lines.append("")
+    return lines
+
+
+def _machines_line(res: dict[str, Any]) -> str:
+    """Which systems were measured on which machine, when not all on the last one (rows
+    measured before machines were recorded per system came from `first_machine`)."""
+    last = res.get("machine", "")
+    by: dict[str, list[str]] = {}
+    for n, s in res["systems"].items():
+        if s["kind"] != "ensemble":
+            by.setdefault(s.get("machine") or res.get("first_machine", "earlier machine"), []).append(n)
+    if set(by) <= {last}:
+        return ""
+    return " (last run). Systems by machine: " + "; ".join(
+        f"{m}: " + ", ".join(f"`{n}`" for n in sorted(ns)) for m, ns in by.items())
+
+
 def write_report(res: dict[str, Any], notes: str = "") -> None:
     systems = sorted(res["systems"].items(),
                      key=lambda kv: (ORDER.get(kv[1]["kind"], 9), kv[1].get("num_groups") or 0,
+                                     kv[1].get("lora_rank") or 0,
                                      METHODS.index(kv[1]["method"]) if kv[1].get("method") in METHODS else 0,
                                      kv[0]))
     lines = ["# Quality comparison: channel merging of four real experts, served through vLLM", "",
              "Test split of each task (200 items, greedy, max tokens per task as in `tasks.py`), scored by "
              "`tasks.score` through the `openai` client against a live server: `channelmerge serve` for merged "
              "checkpoints (the expert picked by the `model` name; `auto`: by the checkpoint's router), stock "
-             "vLLM for an expert alone and the base. Generated by `benchmarks/quality/compare.py` from "
+             "vLLM for an expert alone and the base, stock vLLM multi-LoRA (the expert's adapter picked by "
+             "the `model` name) for `lora_r*`. Generated by `benchmarks/quality/compare.py` from "
              "`results.json`.", "",
              "- Commands (the systems were measured in parts; results of earlier runs are kept): "
              + ", ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "")])),
-             f"- Machine: {res.get('machine', '')}",
+             f"- Machine: {res.get('machine', '')}" + _machines_line(res),
              f"- Date: {res.get('date', '')}",
              "- Server flags: `--dtype float32 --max-model-len 1024 --max-num-seqs 64`, "
              "`VLLM_CPU_KVCACHE_SPACE=2`, one server at a time, 64 concurrent requests.", "",
@@ -428,7 +533,8 @@ def write_report(res: dict[str, Any], notes: str = "") -> None:
              "|---|---|---|---|" + "---|" * len(res["tasks"]) + "---|---|"]
     for n, s in systems:
         acc = [_pct(s["accuracy"].get(t)) for t in res["tasks"]]
-        lines.append(f"| `{n}` | {s['kind']} | {s.get('num_groups') or '–'} | {s.get('method') or '–'} | "
+        method = s.get("method") or (f"rank {s['lora_rank']}" if s["kind"] == "lora" else "–")
+        lines.append(f"| `{n}` | {s['kind']} | {s.get('num_groups') or '–'} | {method} | "
                      + " | ".join(acc) + f" | {_pct(s.get('average'))} | {s['params_ratio']:.3f} |")
     lines += ["", "![average accuracy against parameters](accuracy_vs_params.png)", ""]
     auto = [(n, s) for n, s in systems if s["kind"] == "auto"]
@@ -440,6 +546,7 @@ def write_report(res: dict[str, Any], notes: str = "") -> None:
             lines.append(f"- `{n}`: routing accuracy {_pct(s.get('routing_accuracy'))} (response `model` "
                          f"field), end-to-end average {_pct(s.get('average'))}{o}.")
         lines.append("")
+    lines += lora_section(res, systems)
     if SWEEP_JSON.exists():
         sweep = json.loads(SWEEP_JSON.read_text())["systems"]
         lines += ["## Hyperparameters, settled on the validation split", "",
@@ -474,6 +581,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name in a.systems:
             print(f"== {name}", flush=True)
             entry = measure(name, a.concurrency, a.limit, a.split)
+            entry["machine"] = machine_info()
             print(f"{name}: {json.dumps(entry['accuracy'])} average {entry['average']}", flush=True)
             if a.limit:
                 continue
@@ -484,6 +592,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 write_report(load_results(), load_results().get("notes", ""))
                 continue
             res = load_results()
+            res.setdefault("first_machine", res.get("machine", ""))  # the machine of rows without one
             res["systems"][name] = entry
             cmd = "python -m benchmarks.quality.compare --systems " + " ".join(a.systems)
             res.update(date=entry["date"], machine=machine_info(), command=cmd)
@@ -495,7 +604,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             write_report(res, res.get("notes", ""))  # after every system: a partial run leaves a report
     if a.notes:
         res["notes"] = a.notes.read_text()
-    if res["systems"]:
+    if res["systems"] and not (a.limit and not a.notes and not a.report_only):  # a smoke run writes nothing
         save_results(res)
         plot(res)
         write_report(res, res.get("notes", ""))

@@ -11,11 +11,18 @@ Systems (same prompts, greedy, fixed output length, N experts, K groups):
   d  channelmerge with every request for one expert
   d_cache  d with the hot-expert cache holding that expert's dense copy
            (CHANNELMERGE_HOT_CACHE_BYTES = one expert's weight bytes)
+  e  the multi-LoRA peer: stock vLLM on the base serving each expert as a rank-R LoRA extracted
+     by mergekit (benchmarks/quality/lora.py; --enable-lora --max-lora-rank R --max-loras N),
+     the same mixed round-robin load as b (requests name the N adapters, never the base: on
+     CPU vLLM serves a base request with another adapter's delta once adapters are loaded).
+     `e_r{R}` picks the rank; plain `e` is the rank whose params ratio ((base + N adapters) /
+     (N x base)) is closest to the K-group merge's (K=2: 0.447 -> r64). Rows are named e_r{R};
+     weight bytes = base + the N adapters (files on disk). Needs the real experts.
 Each system runs in each --dtype (default: float32, and bfloat16 where the CPU has native bf16).
 The load generator is vLLM's own serving benchmark (`vllm.benchmarks.serve`); its
 `--lora-modules NAME... --lora-assignment round-robin` sets each request's `model`.
 
-Usage: python -m benchmarks.throughput.run [--systems a b c d] [--concurrency 1 8 32 64] [--dtype float32 bfloat16]
+Usage: python -m benchmarks.throughput.run [--systems a b c d e e_r16] [--concurrency 1 8 32 64] [--dtype float32 bfloat16]
 Writes benchmarks/throughput/results.json, RESULTS.md and throughput.png. Results are kept per
 host kind (AVX2 / AVX-512 + AVX512-BF16 + AMX / ...: the CPU flags are recorded with every
 run) and dtype: a run replaces only the rows of its own host kind and dtypes.
@@ -28,6 +35,7 @@ import concurrent.futures as cf
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -137,6 +145,51 @@ def server_env(threads_bind: str, extra: dict[str, str] | None = None) -> dict[s
 
 
 SYSTEMS = ("a", "b", "b_torch", "b_budget", "c", "d", "d_cache")
+LORA_SYSTEM = re.compile(r"e_r(\d+)$")  # e_r{R}: system e at LoRA rank R
+
+
+def lora_rank(system: str) -> int | None:
+    m = LORA_SYSTEM.match(system)
+    return int(m.group(1)) if m else None
+
+
+def system_arg(name: str) -> str:
+    """argparse type of --systems: a fixed system, `e`, or `e_r{R}` with R one of vLLM's ranks."""
+    from benchmarks.quality.lora import VLLM_MAX_LORA_RANKS
+
+    r = lora_rank(name)
+    if name in SYSTEMS or name == "e" or (r is not None and r in VLLM_MAX_LORA_RANKS):
+        return name
+    raise argparse.ArgumentTypeError(f"{name!r}: one of {', '.join(SYSTEMS)}, e, e_r<R> "
+                                     f"(R in {VLLM_MAX_LORA_RANKS})")
+
+
+def merged_params_ratio(merged: Path) -> float:
+    """Stored parameters / the ensemble's, from the merged checkpoint's report."""
+    from vllm_channelmerge import format as fmt
+
+    return json.loads((merged / fmt.REPORT_FILE).read_text())["params"]["ratio"]
+
+
+def require_real_experts(experts: dict[str, Path]) -> None:
+    """System e extracts the real experts' LoRAs (benchmarks/quality/lora.py works on those only)."""
+    from benchmarks.quality import lora
+
+    if any(p.resolve() != lora.expert_dir(n) for n, p in experts.items()):
+        raise SystemExit("system e needs the real experts (python -m benchmarks.quality.build_experts)")
+
+
+def lora_adapters(experts: dict[str, Path], rank: int) -> dict[str, Path]:
+    """Each real expert's rank-R LoRA (mergekit, cached under work/quality/lora_r{R}/)."""
+    from benchmarks.quality import lora
+
+    require_real_experts(experts)
+    return {n: lora.extract(n, rank) for n in experts}
+
+
+def system_order(name: str) -> tuple[int, int]:
+    r = lora_rank(name)
+    return (len(SYSTEMS), r) if r is not None else (SYSTEMS.index(name), 0)
 COMMON_ARGS = ["--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "64"]
 
 
@@ -165,6 +218,14 @@ def servers(cmds: list[list[str]], ports: list[int], logs: list[Path],
 def stock_cmd(model: Path, name: str, port: int, dtype: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", name, "--port", str(port), "--dtype", dtype, *COMMON_ARGS]
+
+
+def lora_cmd(base: Path, adapters: dict[str, Path], rank: int, port: int, dtype: str) -> list[str]:
+    """Stock vLLM multi-LoRA: the base (served under a name no request uses) + every adapter."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+            "--served-model-name", "base-not-queried", "--port", str(port), "--dtype", dtype,
+            "--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in adapters.items()),
+            "--max-lora-rank", str(rank), "--max-loras", str(len(adapters)), *COMMON_ARGS]
 
 
 def channelmerge_cmd(merged: Path, port: int, dtype: str) -> list[str]:
@@ -224,6 +285,13 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
         ports = [free_port()]
         cmds = [stock_cmd(experts[first], first, ports[0], dtype)]
         wbytes = weight_bytes(experts[first])
+    elif lora_rank(system) is not None:
+        rank = lora_rank(system)
+        adapters = lora_adapters(experts, rank)
+        base = REAL_EXPERTS / "base"
+        ports = [free_port()]
+        cmds = [lora_cmd(base, adapters, rank, ports[0], dtype)]
+        wbytes = weight_bytes(base) + sum(weight_bytes(p) for p in adapters.values())
     else:
         served = a.budget_checkpoint if system == "b_budget" else merged
         ports = [free_port()]
@@ -246,7 +314,7 @@ def run_system(system: str, experts: dict[str, Path], merged: Path, concs: list[
                         res = list(pool.map(lambda i: bench(ports[i], names[i], experts[names[i]], None, share_c,
                                                             share_n, a.input_len, a.output_len, a.seed + i),
                                             range(len(names))))
-                elif system in ("b", "b_torch", "b_budget"):
+                elif system in ("b", "b_torch", "b_budget") or lora_rank(system) is not None:
                     res = [bench(ports[0], first, experts[first], names, conc, n_prompts, a.input_len,
                                  a.output_len, a.seed)]
                 else:
@@ -265,6 +333,11 @@ LABELS = {"a": "a: one dense expert (stock)", "b": "b: channelmerge, mixed",
           "b_torch": "b on plain F.linear GEMMs", "b_budget": "b on the budget checkpoint",
           "c": "c: ensemble of stock servers",
           "d": "d: channelmerge, one expert", "d_cache": "d with the hot-expert cache"}
+
+
+def label(system: str) -> str:
+    r = lora_rank(system)
+    return f"e: stock vLLM multi-LoRA, rank {r}" if r is not None else LABELS[system]
 
 
 def load_results() -> dict:
@@ -313,20 +386,27 @@ def section(kind: str, ent: dict) -> list[str]:
                          f"{r['ttft_ms_p99']:.0f} | {r['itl_ms_p50']:.1f} | {r['itl_ms_p99']:.1f} | "
                          f"{r['weight_bytes'] / 2**20:.0f} | {r['peak_rss_bytes'] / 2**20:.0f} |")
         lines += ["", "Ratios (same host, dtype and run):", ""]
+        e_systems = sorted({r["system"] for r in rows if lora_rank(r["system"]) is not None}, key=system_order)
         for conc in sorted({r["concurrency"] for r in rows}):
-            tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in SYSTEMS if (s, conc) in by}
-            parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}"
-                     for x, y in (("b", "a"), ("b_torch", "a"), ("b_budget", "a"), ("d", "a"), ("d_cache", "a"),
-                                  ("b", "c"), ("b", "b_torch"))
-                     if x in tp and y in tp]
+            tp = {s: by[(s, conc)]["output_tokens_per_s"] for s in (*SYSTEMS, *e_systems) if (s, conc) in by}
+            pairs = [("b", "a"), ("b_torch", "a"), ("b_budget", "a"), ("d", "a"), ("d_cache", "a"),
+                     ("b", "c"), ("b", "b_torch")]
+            pairs += [p for e in e_systems for p in (("b", e), (e, "a"))]
+            parts = [f"{x}/{y} = {tp[x] / tp[y]:.2f}" for x, y in pairs if x in tp and y in tp]
             if parts:
                 lines.append(f"- concurrency {conc}: " + ", ".join(parts))
         c0 = rows[0]["concurrency"] if rows else None
-        for x in ("b", "b_budget"):
+        for x in ("b", "b_budget", *e_systems):
             if (x, c0) in by and ("c", c0) in by:
                 lines.append(f"- weight bytes {x}/c = {by[(x, c0)]['weight_bytes'] / by[('c', c0)]['weight_bytes']:.2f}")
         if meta.get("budget_checkpoint"):
             lines.append(f"- b_budget served `{meta['budget_checkpoint']}` ({meta.get('budget_summary', '')})")
+        for e, info in sorted(meta.get("lora", {}).items(), key=lambda kv: system_order(kv[0])):
+            if e in e_systems:
+                lines.append(f"- {e}: the N experts as rank-{info['rank']} LoRAs (mergekit extract_lora, "
+                             f"`{info['adapters']}`), params ÷ ensemble {info['params_ratio']:.3f} "
+                             f"(the K={meta.get('num_groups', '?')} merge: {info['merge_params_ratio']:.3f}); "
+                             "requests name the adapters, never the base")
         lines.append("")
     notes = ent.get("notes")
     if ent.get("notes_file") and (HERE / ent["notes_file"]).exists():  # written by hand after that run
@@ -356,10 +436,11 @@ def write_report(data: dict) -> None:
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
         for ax, (kind, dt) in zip(axes[0], panels):
             rows = [r for r in data["hosts"][kind]["runs"] if r.get("dtype", "float32") == dt]
-            for s in SYSTEMS:
+            e_systems = sorted({r["system"] for r in rows if lora_rank(r["system"]) is not None}, key=system_order)
+            for s in (*SYSTEMS, *e_systems):
                 pts = sorted((r["concurrency"], r["output_tokens_per_s"]) for r in rows if r["system"] == s)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=LABELS[s])
+                    ax.plot(*zip(*pts), marker="^" if s in e_systems else "o", label=label(s))
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrency")
             ax.set_ylabel("output tokens/s")
@@ -374,7 +455,9 @@ def write_report(data: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", nargs="+", default=list("abcd"), choices=list(SYSTEMS))
+    ap.add_argument("--systems", nargs="+", default=list("abcd"), type=system_arg,
+                    help=f"{', '.join(SYSTEMS)}, e (the LoRA rank matched to the K-group merge's params ratio) "
+                         "or e_r<R> (rank R); default: a b c d")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--dtype", nargs="+", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: float32, and bfloat16 where the CPU has native bf16 (AVX512-BF16 / AMX)")
@@ -399,9 +482,26 @@ def main() -> None:
     if not a.report_only:
         dtypes = a.dtype or (["float32", "bfloat16"] if native_bf16() else ["float32"])
         experts, merged = prepare(a.num_experts, a.num_groups)
+        lora_meta = {}
+        if any(s == "e" or lora_rank(s) is not None for s in a.systems):
+            from benchmarks.quality import lora
+
+            require_real_experts(experts)
+            target = merged_params_ratio(merged)
+            systems = list(dict.fromkeys(f"e_r{lora.matched_rank(target, num_experts=len(experts))}"
+                                         if s == "e" else s for s in a.systems))
+            for s in systems:
+                if lora_rank(s) is not None:
+                    adapters = lora_adapters(experts, lora_rank(s))  # extracted before any server starts
+                    lora_meta[s] = {"rank": lora_rank(s), "merge_params_ratio": round(target, 4),
+                                    "params_ratio": round(lora.params_ratio(lora_rank(s), list(experts)), 4),
+                                    "adapters": str(next(iter(adapters.values())).parent.relative_to(ROOT))}
+            log.info("LoRA systems: %s", lora_meta)
+        else:
+            systems = list(a.systems)
         rows: list[dict] = []
         for dt in dtypes:
-            for s in a.systems:
+            for s in systems:
                 rows += run_system(s, experts, merged, a.concurrency, a, dt)
         meta = {"command": "python -m benchmarks.throughput.run " + " ".join(sys.argv[1:]),
                 "machine": f"{host}, {psutil.virtual_memory().total / 2**30:.0f} GiB",
@@ -411,6 +511,8 @@ def main() -> None:
                             else "random SmolLM2-135M-shaped, embeddings frozen (K=1 for them)"),
                 "num_experts": a.num_experts, "num_groups": a.num_groups,
                 "input_len": a.input_len, "output_len": a.output_len}
+        if lora_meta:
+            meta["lora"] = lora_meta
         if "b_budget" in a.systems:
             meta["budget_checkpoint"] = str(a.budget_checkpoint)
             meta["budget_summary"] = budget_summary(a.budget_checkpoint)
