@@ -265,7 +265,7 @@ class MergeConfig(BaseModel):
     budget_bytes: Optional[int | str] = Field(
         None, description="as `budget`, in bytes of tensor data (a size such as 24GB)")
     budget_criterion: Optional[Literal["weight", "weight_relative", "weight_per_tensor", "method"]] = Field(
-        None, description="what an extra row must reduce (default weight); only with a budget")
+        None, description="what an extra row must reduce (default weight_per_tensor); only with a budget")
 
     @model_validator(mode="before")
     @classmethod
@@ -383,7 +383,9 @@ class MergeConfig(BaseModel):
     @property
     def criterion(self) -> str:
         """`budget_criterion`, defaulted."""
-        return self.budget_criterion or "weight"
+        # The default is the criterion that kept the most accuracy on the quality benchmark's
+        # validation split (benchmarks/quality/RESULTS.md, "Merging under a memory budget").
+        return self.budget_criterion or "weight_per_tensor"
 
     @property
     def budget_target_bytes(self) -> Optional[int]:

@@ -174,7 +174,7 @@ def test_budget_merge_meets_the_budget_and_writes_format_v2(budget_merge, llama_
     out, cfg = budget_merge
     qc = fmt.read_checkpoint_config(out)
     assert qc.format_version == fmt.ROW_TABLE_VERSION and qc.num_groups == 3 and qc.row_table
-    assert qc.budget["params_ratio"] == 0.35 and qc.budget["criterion"] == "weight"
+    assert qc.budget["params_ratio"] == 0.35 and qc.budget["criterion"] == "weight_per_tensor"
     report = json.loads((out / fmt.REPORT_FILE).read_text())
     assert report["format_version"] == 2
     params = report["params"]
@@ -222,7 +222,7 @@ def test_the_dry_run_plan_is_what_the_budget_merge_writes(budget_merge, tmp_path
             got.update({k: list(h.get_slice(k).get_shape()) for k in h.keys()})
     assert got == {t.name: list(t.shape) for t in plan.outputs}
     text = format_plan(plan)
-    assert "row allocation (format v2): budget params_ratio 0.35, criterion weight" in text
+    assert "row allocation (format v2): budget params_ratio 0.35, criterion weight_per_tensor" in text
     assert "error removed:" in text and "q_proj" in text and "model.layers.1" in text
 
 
@@ -354,8 +354,9 @@ def test_no_budget_writes_v1_exactly_as_before(merged_llama_k2):
 
 
 def test_the_criteria(llama_family, tmp_path):
-    """`weight_per_tensor`: the same share of extra rows in every tensor; `method`: errors after
-    the in-group method; both meet the budget and are recorded."""
+    """`weight_per_tensor` (the default): the same share of extra rows in every tensor; `weight`:
+    where the error is; `method`: errors after the in-group method; all meet the budget and are
+    recorded."""
     per = run_merge(llama_family.merge_config(num_groups=2, budget=0.35, budget_criterion="weight_per_tensor"),
                     tmp_path / "per", progress=False)
     qc = fmt.read_checkpoint_config(per)
@@ -365,7 +366,10 @@ def test_the_criteria(llama_family, tmp_path):
     assert max(shares) - min(shares) < 0.02 and max(shares) > 0.1
     assert report["params"]["stored"] <= 0.35 * report["params"]["ensemble"]
     assert qc.budget["criterion"] == "weight_per_tensor"
-    glob = run_merge(llama_family.merge_config(num_groups=2, budget=0.35), tmp_path / "glob", progress=False)
+    default = run_merge(llama_family.merge_config(num_groups=2, budget=0.35), tmp_path / "default", progress=False)
+    assert fmt.read_checkpoint_config(default).extra_rows == qc.extra_rows  # weight_per_tensor is the default
+    glob = run_merge(llama_family.merge_config(num_groups=2, budget=0.35, budget_criterion="weight"),
+                     tmp_path / "glob", progress=False)
     gq = fmt.read_checkpoint_config(glob)
     gshares = [gq.extra_rows.get(fmt.module_of(n), 0) / t["shape"][0] for n, t in report["tensors"].items()
                if t["kind"] == "channel"]
