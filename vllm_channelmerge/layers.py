@@ -119,10 +119,10 @@ def check_finite(prefix: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
 class RowLayout:
     """Where a (possibly fused) module's checkpoint rows go in its row-table parameter (format v2).
 
-    Each shard's ``out`` primary rows sit at ``primary_offset[shard]`` (shards in order, as vLLM
-    fuses them); all extra rows follow the ``out_total`` primary rows, each shard's at
-    ``extra_offset[shard]``. ``out_total`` may exceed the checkpoint's rows (the vocabulary
-    padding vLLM adds to embeddings): those rows are zero and every expert uses them as they are.
+    The shards' primary rows come first, in shard order (as vLLM fuses them); all extra rows
+    follow the ``out_total`` primary rows, again in shard order (:meth:`_offsets`). ``out_total``
+    may exceed the checkpoint's rows (the vocabulary padding vLLM adds to embeddings): those
+    rows are zero and every expert uses them as they are.
     """
 
     geom: Geometry
