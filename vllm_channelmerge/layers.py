@@ -197,24 +197,27 @@ class Prepared:
 
 def prepare(ctx: EngineContext, prefix: str, weight: torch.Tensor, gi: torch.Tensor,
             bias: Optional[torch.Tensor], use_cache: bool = True) -> Prepared:
-    try:
-        st = kernels.prepare_layer(weight, gi, bias, cache=ctx.hot_cache if use_cache else None, name=prefix,
-                                   gemm=ctx.gemm)
-    except ValueError as e:
-        raise fmt.FormatError(f"{prefix}: {e}") from None
-    return Prepared(st, st if bias is None else dataclasses.replace(st, bias=None))
+    """A format v1 layer's kernel state (``weight [K, out, in]``, ``group_index``)."""
+    cache = ctx.hot_cache if use_cache else None
+    return _prepared(prefix, lambda: kernels.prepare_layer(weight, gi, bias, cache=cache, name=prefix, gemm=ctx.gemm))
 
 
 def prepare_rows(ctx: EngineContext, prefix: str, rows: torch.Tensor, row_index: torch.Tensor,
                  bias: Optional[torch.Tensor], use_cache: bool = True, groups: Optional[int] = None) -> Prepared:
     """:func:`prepare` for a row table (format v2, indices checked at load; or a v1 table with
     its K ``groups``)."""
+    cache = ctx.hot_cache if use_cache else None
+    return _prepared(prefix, lambda: kernels.prepare_rows(rows, row_index, bias, row_index.shape[1], cache=cache,
+                                                          name=prefix, gemm=ctx.gemm, groups=groups))
+
+
+def _prepared(prefix: str, make) -> Prepared:
+    """The state ``make()`` builds, with and without its bias; its ValueError names the layer."""
     try:
-        st = kernels.prepare_rows(rows, row_index, bias, row_index.shape[1], cache=ctx.hot_cache if use_cache else None,
-                                  name=prefix, gemm=ctx.gemm, groups=groups)
+        st = make()
     except ValueError as e:
         raise fmt.FormatError(f"{prefix}: {e}") from None
-    return Prepared(st, st if bias is None else dataclasses.replace(st, bias=None))
+    return Prepared(st, st if st.bias is None else dataclasses.replace(st, bias=None))
 
 
 def linear(ctx: EngineContext, prepared: Prepared, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
