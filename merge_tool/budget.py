@@ -7,18 +7,20 @@ chosen partition, and the rows beyond the first go where they remove the most er
 1. A first streaming pass (`merge_tool.merge.measure_rows`) gives, per channel-merged tensor,
    a `Curve`: for every channel and every k in 1..K, the error of the best k-group partition
    (the same partition the write pass then uses) and the groups it really uses (identical
-   experts may leave fewer than k). The error is the criterion's: `weight` and
-   `weight_per_tensor` (the squared weight error of the in-group average against each expert,
-   summed over experts), or `method` (the same after the configured in-group method).
-   `weight_relative` divides each tensor's errors by its total error with one row per channel,
-   so that tensors of different scale (norms folded into q/k/v and gate/up, say) compete on
-   the share of their own error a row removes.
+   experts may leave fewer than k). The error is the criterion's measure: `weight` (the
+   squared weight error of the in-group average against each expert, summed over experts),
+   `method` (the same after the configured in-group method: TIES' trimmed rows, say) or
+   `activation` (the method's rows again, their error measured on the layer's output over
+   calibration inputs, ||(m - w_n) X^T||², `merge_tool.calibration`).
+   A `_relative` criterion divides each tensor's errors by its total error with one row per
+   channel, so that tensors of different scale (norms folded into q/k/v and gate/up, say)
+   compete on the share of their own error a row removes.
 2. `allocate` turns the curves into a per-channel choice of k under the budget. Each channel's
    curve (rows, error) is reduced to its lower convex hull, so that its steps (one or more
    rows) have non-increasing error removed per stored parameter; all steps of all tensors are
    then taken greedily by that ratio (a stable sort: a channel's k-th row always after its
-   (k-1)-th) while the budget allows, and the last few that still fit are added. Criterion
-   `weight_per_tensor` instead gives every tensor the same share of its possible extra rows,
+   (k-1)-th) while the budget allows, and the last few that still fit are added. A
+   `_per_tensor` criterion instead gives every tensor the same share of its possible extra rows,
    spent inside the tensor by the same ratio.
 
 The module is pure arithmetic on the curves (unit-tested against brute force); the plan
@@ -37,7 +39,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("weight", "weight_relative", "weight_per_tensor", "method")
+# A criterion is what an extra row must reduce (the measure) and how rows are shared out:
+# `weight` (squared weight error of the in-group average), `method` (the same after the
+# configured in-group method), `activation` (the method's output error on calibration inputs,
+# `merge_tool.calibration`); then globally (no suffix), `_relative` or `_per_tensor`.
+MEASURES = ("weight", "method", "activation")
+SHARING = ("", "_relative", "_per_tensor")
+CRITERIA = tuple(m + s for m in MEASURES for s in SHARING)
+
+
+def measure_of(criterion: str) -> str:
+    """The error a criterion measures: weight, method or activation."""
+    return criterion.removesuffix("_per_tensor").removesuffix("_relative")
 
 
 @dataclass
@@ -48,6 +61,7 @@ class Curve:
     error: torch.Tensor  # [out, K] float64: the criterion's error of the best k-group partition
     groups: torch.Tensor  # [out, K] int64: groups that partition really uses (rows stored), <= k
     row_cost: float  # budget units per stored row (params: in (+1 bias); bytes: that x dtype size)
+    partitions: Optional[torch.Tensor] = None  # [out, K, N] int8: the partitions (for the write pass)
 
     @property
     def channels(self) -> int:
@@ -65,6 +79,7 @@ class TensorRows:
     err_one: float = 0.0  # the criterion's error with one row per channel
     err_chosen: float = 0.0  # ... with the chosen rows
     err_full: float = 0.0  # ... with K rows everywhere (the v1 merge)
+    partition: Optional[torch.Tensor] = None  # [out, N] int8: each channel's chosen partition, if measured
 
     @property
     def extra_rows(self) -> int:
@@ -89,6 +104,7 @@ class Allocation:
     criterion: str
     requested: dict[str, Any]  # {"params_ratio": 0.35} or {"bytes": 24000000000}
     stats: dict[str, Any] = field(default_factory=dict)  # filled by the plan (achieved ratio, bytes)
+    calibration: Optional[dict[str, Any]] = None  # activation criteria: {"file", "texts", "tokens"}
 
     @property
     def error_removed(self) -> Optional[float]:
@@ -163,10 +179,10 @@ def allocate(curves: list[Curve], available: float, criterion: str = "weight") -
     budget units (on top of one row per channel)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown budget criterion {criterion!r}; allowed: {', '.join(CRITERIA)}")
-    if criterion == "weight_relative":
+    if criterion.endswith("_relative"):
         curves = [relative(cv) for cv in curves]
     steps = [hull_steps(cv.error, cv.groups) for cv in curves]
-    if criterion == "weight_per_tensor":
+    if criterion.endswith("_per_tensor"):
         taken = _per_tensor_share(curves, steps, available)
     else:
         taken = _global_greedy(curves, steps, available)
@@ -289,7 +305,8 @@ def tensor_rows(curve: Curve, k: torch.Tensor, cap: int) -> TensorRows:
     sel = (k - 1).clamp(0, curve.error.shape[1] - 1)
     return TensorRows(curve.name, k.clone(), curve.groups[ar, sel].to(torch.int64), cap,
                       float(curve.error[:, 0].sum()), float(curve.error[ar, sel].sum()),
-                      float(curve.error[:, -1].sum()))
+                      float(curve.error[:, -1].sum()),
+                      None if curve.partitions is None else curve.partitions[ar, sel])
 
 
 # -- describing it: per tensor kind and per layer ----------------------------------------------------
@@ -369,6 +386,9 @@ def format_allocation(alloc: Allocation, human_bytes: Any) -> list[str]:
     lines += format_summary(summary(alloc, "layer"), "layer", cap) + [""]
     lines.append(f"error removed: {pct(alloc.error_removed)} of the error between 1 row and K rows per channel "
                  f"(criterion {alloc.criterion})")
+    if alloc.calibration:
+        c = alloc.calibration
+        lines.append(f"calibration: {c['texts']} texts, {c['tokens']:,} tokens from {c['file']} through the base model")
     if st:
         lines.append(f"stored: {st['stored_params']:,} parameters = {st['achieved_ratio']:.4f} of the ensemble "
                      f"(one row per channel: {st['min_ratio']:.4f}; K rows everywhere: {st['max_ratio']:.4f}); "

@@ -18,6 +18,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from merge_tool import budget as _budget
 from merge_tool import methods as _methods
 from vllm_channelmerge import format as fmt
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 METHODS = tuple(_methods.METHODS)  # the registry's names, in its order
 SIMILARITIES = ("cosine", "euclidean")
 # How a merge under a `budget` measures the error a channel's extra rows remove (merge_tool/budget.py).
-BUDGET_CRITERIA = ("weight", "weight_relative", "weight_per_tensor", "method")
+BUDGET_CRITERIA = _budget.CRITERIA
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -229,6 +230,23 @@ class RouterSpec(BaseModel):
     examples: StrictStr = Field(description="JSON-lines file of example prompts per expert")
 
 
+class CalibrationSpec(BaseModel):
+    """Optional `calibration:` section: the texts an `activation*` budget criterion runs through
+    the base model (merge_tool/calibration.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: StrictStr = Field(description="JSON lines with a \"text\" field, or one text per line")
+    max_tokens: StrictNumInt = Field(2048, description="tokens run in all (texts in order, the last cut)")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _tokens(cls, v: int) -> int:
+        if not 1 <= v <= 10**7:
+            raise ValueError(f"is {v}; it must be between 1 and 10000000")
+        return v
+
+
 class MergeConfig(BaseModel):
     """Everything a merge needs; written back into the checkpoint as `channelmerge.yaml`."""
 
@@ -264,8 +282,10 @@ class MergeConfig(BaseModel):
                           "(format v2); absent: K rows everywhere (format v1)")
     budget_bytes: Optional[int | str] = Field(
         None, description="as `budget`, in bytes of tensor data (a size such as 24GB)")
-    budget_criterion: Optional[Literal["weight", "weight_relative", "weight_per_tensor", "method"]] = Field(
+    budget_criterion: Optional[Literal[BUDGET_CRITERIA]] = Field(  # type: ignore[valid-type]
         None, description="what an extra row must reduce (default weight_per_tensor); only with a budget")
+    calibration: CalibrationSpec | None = Field(
+        None, description="texts for an activation* budget criterion (required by it, refused without)")
 
     @model_validator(mode="before")
     @classmethod
@@ -323,6 +343,14 @@ class MergeConfig(BaseModel):
         if self.budget_criterion is not None and not self.has_budget:
             raise ValueError(f"budget_criterion is {self.budget_criterion!r} but there is no budget "
                              "(budget or budget_bytes); remove it or set a budget")
+        data_aware = _budget.measure_of(self.criterion) == "activation"
+        if data_aware and self.calibration is None:
+            raise ValueError(f"budget_criterion {self.criterion!r} measures the error on calibration "
+                             "inputs: give `calibration: {file: TEXTS}` (JSON lines with a \"text\" field)")
+        if self.calibration is not None and not (self.has_budget and data_aware):
+            raise ValueError(f"calibration is given but the budget criterion is {self.criterion!r}"
+                             f"{'' if self.has_budget else ' and there is no budget'}; only the activation "
+                             "criteria read it (remove it, or set budget_criterion: activation_per_tensor)")
         return self
 
     @field_validator("block_rows", "kmeans_threshold")
@@ -444,6 +472,8 @@ class MergeConfig(BaseModel):
         }
         if self.router is not None:
             update["router"] = RouterSpec(examples=res(self.router.examples))
+        if self.calibration is not None:
+            update["calibration"] = self.calibration.model_copy(update={"file": res(self.calibration.file)})
         return self.model_copy(update=update)
 
 
@@ -481,6 +511,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 msg += f"; allowed fields: {', '.join(ExpertParams.model_fields)}"
             elif e["loc"][0] == "router":
                 msg += "; allowed fields: examples"
+            elif e["loc"][0] == "calibration":
+                msg += f"; allowed fields: {', '.join(CalibrationSpec.model_fields)}"
         elif e["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"{source}: {loc}: {msg}")
@@ -518,7 +550,7 @@ def load_config(path: str | Path) -> MergeConfig:
 def dump_config(cfg: MergeConfig) -> str:
     """YAML text of a config (what is written as `channelmerge.yaml`)."""
     data = cfg.model_dump(mode="json")
-    for key in ("router", "default_expert", "budget", "budget_bytes", "budget_criterion"):
+    for key in ("router", "default_expert", "budget", "budget_bytes", "budget_criterion", "calibration"):
         if data.get(key) is None:
             data.pop(key, None)  # optional: absent when unused
     # The record of what the merge used: the parameters the method reads, and per-expert

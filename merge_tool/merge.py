@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from merge_tool import budget as budgetmod, clustering, fold as foldmod, methods
+from merge_tool import budget as budgetmod, calibration as calib, clustering, fold as foldmod, methods
 from merge_tool.config import ConfigError, MergeConfig, dump_config
 from merge_tool.io import (InputError, ModelReader, StreamingShardWriter, check_compatible,
                            check_not_overlapping, check_replaceable, copy_tokenizer_files, lock_path,
@@ -176,6 +176,13 @@ def allocate_rows(plan: MergePlan, base: ModelReader, experts: list[ModelReader]
     cfg = plan.config
     in_bytes = cfg.budget is None
     merger = _Merger(plan, base, experts, dev)
+    if cfg.calibration is not None:
+        try:
+            merger.activations = calib.collect(cfg.base_model, calib.load_texts(cfg.calibration.file),
+                                               cfg.calibration.max_tokens,
+                                               {j.source for j in plan.jobs if j.splittable}, dev)
+        except calib.CalibrationError as e:
+            raise ConfigError(f"calibration: {e}") from None
     curves = merger.measure(in_bytes, progress)
     choice = budgetmod.allocate(curves, available, cfg.criterion)
     caps = {j.name: j.k for j in plan.jobs}
@@ -186,6 +193,9 @@ def allocate_rows(plan: MergePlan, base: ModelReader, experts: list[ModelReader]
     tensors = {j.name: tensors[j.name] for j in plan.jobs if j.kind == "channel"}  # plan order
     plan.set_allocation(budgetmod.Allocation(tensors, cfg.criterion, requested_budget(cfg)))
     assert plan.allocation is not None
+    if merger.activations is not None:
+        plan.allocation.calibration = {"file": cfg.calibration.file, "texts": merger.activations.texts,
+                                       "tokens": merger.activations.tokens}
     log.info("row allocation in %.1fs: %s stored parameters (%.4f of the ensemble), error removed %s",
              time.perf_counter() - t0, f"{plan.stored_params:,}", plan.param_ratio,
              budgetmod.pct(plan.allocation.error_removed))
@@ -291,6 +301,7 @@ class _RowTable:
     k: torch.Tensor  # [out] int64
     rows: torch.Tensor  # [out] int64
     extra_start: torch.Tensor  # [out + 1] int64: channel c's extra rows are rows out + [s[c], s[c+1])
+    partition: Optional[torch.Tensor] = None  # [out, N] int8: the measuring pass's partitions
 
     @classmethod
     def of(cls, job: Job) -> "_RowTable":
@@ -298,7 +309,7 @@ class _RowTable:
         alloc = job.alloc or budgetmod.TensorRows.single(job.name, out)
         start = torch.zeros(out + 1, dtype=torch.int64)
         torch.cumsum(alloc.rows - 1, 0, out=start[1:])
-        return cls(alloc.k, alloc.rows, start)
+        return cls(alloc.k, alloc.rows, start, alloc.partition)
 
 
 class _Merger:
@@ -317,6 +328,7 @@ class _Merger:
         self.params = self.cfg.merge_params()
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.norms: dict[str, list[torch.Tensor]] = {}  # norm -> [base, expert...] float32
+        self.activations: Optional[calib.Calibration] = None  # an activation* budget criterion's
         for nname in set(plan.fold.targets.values()):
             self.norms[nname] = [r.get(nname).to(device, torch.float32) for r in [base, *experts]]
 
@@ -468,8 +480,12 @@ class _Merger:
     def _cluster_rows(self, job: Job, d: torch.Tensor, table: _RowTable, rows: _Rows,
                       measures: _Measures) -> torch.Tensor:
         """Format v2: each channel's partition for its own k [R, N] (labels 0..rows-1, group 0
-        the largest), checked against the rows the plan allocated."""
+        the largest): the measuring pass's, else computed again and checked against the rows
+        the plan allocated."""
         n = d.shape[1]
+        if table.partition is not None:
+            measures.dnorm += _sumsq(d)  # what `_gram` adds
+            return table.partition[rows.start:rows.stop].to(self.dev, torch.int64)
         ks = table.k[rows.start:rows.stop].to(self.dev)
         kvals = sorted(set(ks.unique().tolist()))
         gram = self._gram(d, any(1 < k < n for k in kvals), measures)
@@ -498,10 +514,13 @@ class _Merger:
         groups it uses, block by block as the write pass reads them."""
         out_rows, n = job.shape[0], len(self.experts)
         src = self._sources(job)
-        by_method = self.cfg.criterion == "method"
+        measure = budgetmod.measure_of(self.cfg.criterion)
+        by_method = measure != "weight"
+        inputs, counts = self._activations(job) if measure == "activation" else (None, None)
         thresholds = self._thresholds(job, src) if by_method else ([], [])
         error = torch.empty(out_rows, job.k, dtype=torch.float64)
         groups = torch.empty(out_rows, job.k, dtype=torch.int64)
+        parts = torch.empty(out_rows, job.k, n, dtype=torch.int8)
         for rows in self._blocks(job):
             base_rows, w = self._load_rows(src, rows, job)
             d = torch.sub(w, base_rows.unsqueeze(1), out=self._ws("d", tuple(w.shape)))
@@ -511,26 +530,56 @@ class _Merger:
             for k in range(1, job.k + 1):
                 assign = self._partition(gram, k)
                 groups[rows.start:rows.stop, k - 1] = assign.max(1).values.cpu() + 1
+                parts[rows.start:rows.stop, k - 1] = assign.cpu()
                 if by_method:
                     g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, *base_rows.shape)))
-                    rec = self._ws("rec", tuple(w.shape))
-                    e = self._lookup_sq_error(g, assign, w, rec)
+                    r = self._lookup_residual(g, assign, w, self._ws("rec", tuple(w.shape)))
+                    if measure == "activation":
+                        e = calib.output_error(r, inputs, None if counts is None else counts[rows.start:rows.stop])
+                    else:
+                        e = _sumsq_rows(r)
                 elif k >= n:
                     e = torch.zeros(rows.size, dtype=torch.float64)
                 else:  # within-group sum of squares = the in-group average's error
                     e = clustering.partition_cost(d2, assign).cpu()
-                error[rows.start:rows.stop, k - 1] = e
+                error[rows.start:rows.stop, k - 1] = e.cpu()
         if not bool(torch.isfinite(error).all()):
             self._check_finite(job)
-        return budgetmod.Curve(job.name, error, groups, row_cost(job, in_bytes))
+        return budgetmod.Curve(job.name, error, groups, row_cost(job, in_bytes), parts)
 
     @staticmethod
-    def _lookup_sq_error(g: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """Per channel, sum over experts of ||g[assign[c, n], c] - w[c, n]||² -> [R] float64."""
+    def _lookup_residual(g: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """Each expert's looked-up row minus its own, g[assign[c, n], c] - w[c, n] -> [R, N, I'] in `rec`."""
         k, rr, width = g.shape
         flat = (assign * rr + torch.arange(rr, device=assign.device).unsqueeze(1)).reshape(-1)
         torch.index_select(g.reshape(k * rr, width), 0, flat, out=rec.view(-1, width))
-        return _sumsq_rows(rec.sub_(w))
+        return rec.sub_(w)
+
+    def _activations(self, job: Job) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The calibration inputs F [M, I'] (a folded norm's base weight divided out: the stored
+        rows see the unscaled normalized input) and token counts [out] of a channel tensor."""
+        if self.activations is None or job.source not in self.activations.tensors:
+            raise RuntimeError(f"{job.source}: no calibration activations for the activation criterion")
+        acts = self.activations.tensors[job.source]
+        inputs, counts = acts.inputs, acts.counts
+        if inputs is not None:
+            width = job.shape[1] + (1 if job.bias else 0)
+            if inputs.shape[1] != width:
+                raise ConfigError(f"calibration: {job.source}: the base model's layer reads {inputs.shape[1]} "
+                                  f"input features, the checkpoint's tensor has {width} columns")
+            inputs = inputs.to(self.dev)
+            if job.norm:
+                g = self.norms[job.norm][0]
+                if not bool((g != 0).all()):
+                    raise ConfigError(f"calibration: {job.norm} of the base model has zero entries, so the "
+                                      f"activation criterion cannot recover {job.source}'s input before it")
+                inputs = torch.cat([inputs[:, :job.shape[1]] / g, inputs[:, job.shape[1]:]], 1)
+        if counts is not None:
+            counts = counts.to(self.dev)
+            if counts.shape[0] != job.shape[0]:
+                raise ConfigError(f"calibration: {job.source}: the base model's embedding has {counts.shape[0]} "
+                                  f"tokens, the checkpoint's tensor {job.shape[0]} rows")
+        return inputs, counts
 
     def _sparsify_block(self, job: Job, d: torch.Tensor, thresholds: tuple[list[float], list[float]],
                         rows: _Rows) -> torch.Tensor:
@@ -766,6 +815,8 @@ def _report(plan: MergePlan, measured: Measured, seconds: float) -> dict[str, An
                             "achieved_bytes": alloc.stats["bytes"], "error_removed": alloc.error_removed,
                             "min_ratio": alloc.stats["min_ratio"], "max_ratio": alloc.stats["max_ratio"],
                             "min_bytes": alloc.stats["min_bytes"], "max_bytes": alloc.stats["max_bytes"]}
+        if alloc.calibration is not None:
+            report["budget"]["calibration"] = alloc.calibration
         report["allocation"] = {"by_kind": budgetmod.summary(alloc, "kind"),
                                 "by_layer": budgetmod.summary(alloc, "layer")}
     return report

@@ -423,3 +423,25 @@ def test_budgets_the_merge_cannot_meet(llama_family, tmp_path, capsys, fields, n
     y.write_text(yaml.safe_dump(llama_family.config(**fields)))
     assert main(["merge", str(y), str(tmp_path / "m"), "-q"]) == 2
     assert needle in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_the_write_pass_reuses_the_measured_partitions(llama_family, tmp_path, monkeypatch):
+    """The write pass takes each channel's partition from the measuring pass instead of
+    clustering again: the same bytes as clustering again (and checking the group counts)."""
+    from merge_tool import merge as mergemod
+
+    cfg = llama_family.merge_config(num_groups=3, method="ties", budget=0.4)
+    cached = run_merge(cfg, tmp_path / "cached", progress=False)
+    used: list[bool] = []
+    of = mergemod._RowTable.of
+
+    def recomputed(job):
+        t = of(job)
+        used.append(t.partition is not None)
+        t.partition = None
+        return t
+    monkeypatch.setattr(mergemod._RowTable, "of", staticmethod(recomputed))
+    again = run_merge(cfg, tmp_path / "again", progress=False)
+    assert used and any(used)
+    a, b = load_dir(cached), load_dir(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

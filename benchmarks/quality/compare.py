@@ -76,6 +76,10 @@ def _abs(p: Path) -> Path:
     return (ROOT / p).resolve()
 
 
+# The activation budget criteria's calibration (calibration_texts): conversations per task, tokens in all.
+CALIBRATION_ITEMS_PER_TASK = 32
+CALIBRATION_TOKENS = 4096
+
 DEFAULT_SYSTEMS = ["channel_k2_average", "single_average", "auto_k2_average", "channel_k2_ties",
                    "channel_k3_average", *(f"expert_{t}" for t in TASKS), "base"]
 METHODS = ("average", "task_arithmetic", "ties", "dare")
@@ -164,15 +168,41 @@ def build_merged(spec: dict[str, Any]) -> Path:
     out = merged_dir(spec)
     if out.exists():  # run_merge writes a staged folder and renames it when complete
         return out
+    criterion = spec["budget"].get("criterion")
+    data_aware = criterion is not None and criterion.startswith("activation")
     cfg = MergeConfig(base_model=str(_abs(BASE_DIR)),
                       experts=[{"name": t, "model": str(_abs(EXPERTS_DIR / t))} for t in TASKS],
                       num_groups=spec["num_groups"], method=spec["method"], parameters=spec["parameters"],
                       fold_norms=spec["num_groups"] > 1,  # K=1: the classic merge, norms merged too
-                      budget=spec["budget"].get("budget"), budget_criterion=spec["budget"].get("criterion"))
+                      budget=spec["budget"].get("budget"), budget_criterion=criterion,
+                      calibration={"file": str(calibration_texts()), "max_tokens": CALIBRATION_TOKENS}
+                      if data_aware else None)
     t0 = time.time()
     run_merge(cfg, out, progress=False)
     print(f"merged {out.name} in {time.time() - t0:.1f} s", flush=True)
     return out
+
+
+def calibration_texts() -> Path:
+    """The activation criteria's calibration texts: training conversations (prompt and reference
+    reply, in the base model's chat template), the tasks interleaved so that every task is in
+    the first `CALIBRATION_TOKENS` tokens. Never the val or test split."""
+    from transformers import AutoTokenizer
+
+    from .tasks import chat_messages, load_split
+
+    path = WORK / "calibration.jsonl"
+    tok = AutoTokenizer.from_pretrained(str(_abs(BASE_DIR)), local_files_only=True)
+    items = {t: load_split(t, "train")[:CALIBRATION_ITEMS_PER_TASK] for t in TASKS}
+    lines = []
+    for i in range(CALIBRATION_ITEMS_PER_TASK):
+        for t in TASKS:
+            it = items[t][i]
+            conv = chat_messages(it) + [{"role": "assistant", "content": it.answer}]
+            lines.append(json.dumps({"text": tok.apply_chat_template(conv, tokenize=False)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def ensure_router(merged: Path) -> Path:
