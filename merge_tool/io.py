@@ -373,7 +373,9 @@ class StreamingShardWriter:
         t = tensor.detach().to("cpu").contiguous()
         assert self._fh is not None
         if t.numel():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # a NaN or Inf makes the sum non-finite (one pass, cheaper than isfinite on bf16);
+            # so can an overflow of the sum alone, which the exact count then settles
+            if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
                 self._cur_nonfinite += int((~torch.isfinite(t)).sum())
             try:
                 self._fh.seek(self._cur_start + offset)

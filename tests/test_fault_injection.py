@@ -464,6 +464,16 @@ def test_writer_refuses_non_finite_blocks(tmp_path):
     w.abort()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_accepts_large_finite_blocks_whose_sum_overflows(tmp_path, dtype):
+    plan = [mio.PlannedTensor("x.weight", dtype, (2, 2))]
+    w = mio.StreamingShardWriter(tmp_path, plan, 10**6)
+    big = torch.full((2, 2), 3.0e38, dtype=dtype)
+    w.write("x.weight", big)
+    w.close()
+    assert torch.equal(load_file(str(next(tmp_path.glob("*.safetensors"))))["x.weight"], big)
+
+
 # -- 5. I/O errors: one line naming the path, nothing left; published folders follow the umask ----
 
 def test_non_utf8_yaml_is_one_line(tmp_path, capsys):
