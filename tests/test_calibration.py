@@ -220,3 +220,42 @@ def test_a_bad_calibration_file_is_refused_before_anything_is_written(llama_fami
     with pytest.raises(ConfigError, match=r'calibration: .*c.jsonl:1: each line must be an object with a non-empty "text"'):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert leftovers(tmp_path, "out") == []
+
+
+def test_activation_error_of_a_folded_layer_is_its_output_error(llama_family, calib_file):
+    """q_proj after the folded input layernorm: the measured error with one row per channel is
+    Σ over experts and tokens of ((average row − expert's row) · x)², computed here from the
+    experts' own files and norms, on the normalized inputs x the transformers model computes."""
+    from safetensors.torch import load_file
+
+    cfg = llama_family.merge_config(num_groups=2, method="average", budget=0.35, budget_criterion="activation",
+                                    calibration={"file": str(calib_file)})
+    base, experts = mergemod._open_inputs(cfg)
+    try:
+        plan = build_plan(cfg, base, experts, Path("unused"))
+        m = mergemod._Merger(plan, base, experts, torch.device("cpu"))
+        name = "model.layers.0.self_attn.q_proj.weight"
+        m.activations = calib.collect(cfg.base_model, TEXTS, 10**6, {name}, torch.device("cpu"))
+        job = next(j for j in plan.jobs if j.source == name)
+        assert job.norm == "model.layers.0.input_layernorm.weight"
+        got = m._curve(job, False).error[:, 0]
+    finally:
+        mergemod._close(base, experts)
+    tok, model = _hf(llama_family.base)
+    layer = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        xs = [layer(model.model.embed_tokens(tok(t, return_tensors="pt")["input_ids"]))[0] / layer.weight
+              for t in TEXTS]
+    x = torch.cat(xs).double()
+    rows = []
+    for d in experts_dirs(llama_family):
+        sd = load_file(str(next(Path(d).glob("*.safetensors"))))
+        rows.append(sd[name].double() * sd[job.norm].double())  # the expert's folded rows
+    w = torch.stack(rows)  # [N, out, in]
+    r = w.mean(0, keepdim=True) - w
+    want = (r @ x.T).square().sum((0, 2))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def experts_dirs(family) -> list[Path]:
+    return [Path(p) for p in family.experts.values()]
