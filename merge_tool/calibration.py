@@ -99,7 +99,7 @@ def collect(base_dir: str | Path, texts: list[str], max_tokens: int, wanted: set
         raise CalibrationError(f"{base_dir}: the activation criterion runs the base model with "
                                f"transformers and cannot load it: {' '.join(str(e).split())[:300]}") from None
     names = {id(p): n for n, p in model.named_parameters()}  # a tied weight keeps its first name
-    rec = _Recorder(wanted)
+    rec = _Recorder()
     hooks = []
     for mod in model.modules():
         weight = getattr(mod, "weight", None)
@@ -142,8 +142,7 @@ def collect(base_dir: str | Path, texts: list[str], max_tokens: int, wanted: set
 class _Recorder:
     """Forward pre-hooks' state: inputs per tensor, shared where layers read the same tensor."""
 
-    def __init__(self, wanted: set[str]) -> None:
-        self.wanted = wanted
+    def __init__(self) -> None:
         self.seen: set[str] = set()
         self.inputs: dict[str, _Inputs] = {}
         self.alias: dict[str, str] = {}  # tensor -> the tensor whose inputs it shares

@@ -412,7 +412,9 @@ class MergeConfig(BaseModel):
     def criterion(self) -> str:
         """`budget_criterion`, defaulted."""
         # The default is the criterion that kept the most accuracy on the quality benchmark's
-        # validation split (benchmarks/quality/RESULTS.md, "Merging under a memory budget").
+        # validation split among those that need no calibration data (benchmarks/quality/
+        # RESULTS.md, "Merging under a memory budget"); activation_relative did as well or better
+        # but needs texts, so it is never chosen for the user.
         return self.budget_criterion or "weight_per_tensor"
 
     @property

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${CHANNELMERGE_VENV:-.venv}/bin/python" -m pytest -q -rs "$@"
+exec "${CHANNELMERGE_VENV:-.venv}/bin/python" -m pytest -q -rs --durations=25 "$@"
