@@ -447,12 +447,16 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
                       and not s.get("budget"))
         if line:
             ax.plot(*zip(*line), marker="o", color=color, label=f"{m} (K = 1, 2, 3)")
-        # The budget curve: channel merges of this method under a memory budget (1..K rows a channel).
-        curve = sorted((s["params_ratio"], 100 * s["average"]) for s in pts.values()
-                       if s["kind"] == "channel" and s["method"] == m and s.get("budget")
-                       and not s.get("parameters"))
-        if curve:
-            ax.plot(*zip(*curve), marker="D", linestyle="--", color=color, label=f"{m}, budget (1..K rows)")
+        # The budget curves: channel merges of this method under a memory budget (1..K rows a
+        # channel), one per cap K and criterion.
+        curves: dict[tuple[int, str], list[tuple[float, float]]] = {}
+        for s in pts.values():
+            if s["kind"] == "channel" and s["method"] == m and s.get("budget") and not s.get("parameters"):
+                crit = s["budget"].get("criterion", "weight_per_tensor")
+                curves.setdefault((s["num_groups"], crit), []).append((s["params_ratio"], 100 * s["average"]))
+        for (k, crit), curve in sorted(curves.items()):
+            ax.plot(*zip(*sorted(curve)), marker="P" if crit.startswith("activation") else "D",
+                    linestyle="--" if k > 2 else "-.", color=color, label=f"{m}, budget, K ≤ {k}, {crit}")
     # The multi-LoRA peer: mergekit-extracted rank-R adapters on stock vLLM, one point per rank.
     lora_pts = sorted((s["params_ratio"], 100 * s["average"], s["lora_rank"]) for s in pts.values()
                       if s["kind"] == "lora")
@@ -468,7 +472,7 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
             ax.scatter(s["params_ratio"], 100 * s["average"], color=color, marker=marker, s=70, zorder=3)
             ax.annotate(n, (s["params_ratio"], 100 * s["average"]), textcoords="offset points",
                         xytext=(6, -12 if s["kind"] == "auto" else 4), fontsize=8)
-    ax.legend(loc="center right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel("parameters stored ÷ ensemble of 4 experts")
     ax.set_ylabel("average test accuracy over 4 tasks (%)")
     ax.set_title("SmolLM2-135M experts (arith, date, reverse, code), served through vLLM")
@@ -632,9 +636,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             save_results(res)
             plot(res)
             write_report(res, res.get("notes", ""))  # after every system: a partial run leaves a report
+    # Read again: another run may have saved systems since this one started (a validation run
+    # never saves, and a smoke run writes nothing unless it brings notes).
+    res = load_results()
     if a.notes:
         res["notes"] = a.notes.read_text()
-    if res["systems"] and not (a.limit and not a.notes and not a.report_only):  # a smoke run writes nothing
+    if a.split == "val" and not a.notes and not a.report_only:
+        return 0
+    if res["systems"] and not (a.limit and not a.notes and not a.report_only):
         save_results(res)
         plot(res)
         write_report(res, res.get("notes", ""))
