@@ -439,7 +439,25 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
     pts = {n: s for n, s in res["systems"].items() if s.get("average") is not None}
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Everything, and a zoom on the budget merges and the LoRA peers (0.27..0.47, 75..97%).
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.1, 1]})
+    _draw(ax, pts)
+    _draw(zoom, pts)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title("SmolLM2-135M experts (arith, date, reverse, code), served through vLLM", fontsize=10)
+    ax.set_xlim(0, 1.1)
+    ax.set_ylim(-3, 103)
+    zoom.set_title("zoom: memory budgets and multi-LoRA", fontsize=10)
+    zoom.set_xlim(0.27, 0.47)
+    zoom.set_ylim(75, 97)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw(ax: Any, pts: dict[str, dict[str, Any]]) -> None:
+    """One panel of the accuracy-vs-parameters plot."""
     # One line per in-group method through K = 1 (the single merge), 2, 3 (default hyperparameters).
     for m, color in zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         line = sorted((s["params_ratio"], 100 * s["average"]) for s in pts.values()
@@ -472,17 +490,9 @@ def plot(res: dict[str, Any], path: Path = PLOT_PNG) -> Optional[Path]:
             ax.scatter(s["params_ratio"], 100 * s["average"], color=color, marker=marker, s=70, zorder=3)
             ax.annotate(n, (s["params_ratio"], 100 * s["average"]), textcoords="offset points",
                         xytext=(6, -12 if s["kind"] == "auto" else 4), fontsize=8)
-    ax.legend(loc="lower right", fontsize=7)
     ax.set_xlabel("parameters stored ÷ ensemble of 4 experts")
     ax.set_ylabel("average test accuracy over 4 tasks (%)")
-    ax.set_title("SmolLM2-135M experts (arith, date, reverse, code), served through vLLM")
-    ax.set_xlim(0, 1.1)
-    ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def lora_section(res: dict[str, Any], systems: list[tuple[str, dict[str, Any]]]) -> list[str]:
