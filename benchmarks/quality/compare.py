@@ -162,6 +162,7 @@ def merged_dir(spec: dict[str, Any]) -> Path:
 
 def build_merged(spec: dict[str, Any]) -> Path:
     """Merged checkpoint for a channel / single-merge / auto system (reused when present)."""
+    from merge_tool.budget import measure_of as budget_measure
     from merge_tool.config import MergeConfig
     from merge_tool.merge import run_merge
 
@@ -169,7 +170,7 @@ def build_merged(spec: dict[str, Any]) -> Path:
     if out.exists():  # run_merge writes a staged folder and renames it when complete
         return out
     criterion = spec["budget"].get("criterion")
-    data_aware = criterion is not None and criterion.startswith("activation")
+    data_aware = criterion is not None and budget_measure(criterion) == "activation"
     cfg = MergeConfig(base_model=str(_abs(BASE_DIR)),
                       experts=[{"name": t, "model": str(_abs(EXPERTS_DIR / t))} for t in TASKS],
                       num_groups=spec["num_groups"], method=spec["method"], parameters=spec["parameters"],
