@@ -440,3 +440,67 @@ def test_cost_of_all_groups_counts_the_select_it_runs():
     assert kk.strategy_costs(batch, st_rows, masked)["all_groups"] == kk.strategy_costs(batch, st_rows, base)["all_groups"]
     assert kk.strategy_costs(batch, st_v1, masked)["all_groups"] == pytest.approx(
         kk.strategy_costs(batch, st_v1, base)["all_groups"] + 3.0 * extra)
+
+
+def _row_table_layer(dtype, out=48, inp=16, seed=3):
+    """A compacted row table (format v2) whose experts leave their primary rows unevenly (expert
+    0 never: residual fraction 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(2, out, inp, generator=gen) / inp**0.5).to(dtype)
+    gi = make_group_index(4, 2, out, gen)
+    gi[0] = 0
+    rows, ri, _ = compact_groups(w, gi)
+    return w, gi, prepare_rows(rows, ri, None, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_select_by_runs_is_the_gather_bit_for_bit(dtype):
+    """The prefill select (primary columns, then each run's residual channels, on int16 bits for
+    2-byte dtypes) picks exactly what the per-element gather picks, including an expert whose
+    run appears twice and one that never leaves its primary rows."""
+    _, _, st = _row_table_layer(dtype)
+    ids = torch.tensor([2] * 20 + [0] * 17 + [3] * 18 + [2] * 16 + [1] * 21)
+    batch = ExpertBatch.build(ids, 4)
+    assert [e for e, _, _ in batch.runs] == [2, 0, 3, 2, 1] and st.residual_fraction[0] == 0
+    y_all = torch.randn(ids.numel(), st.num_rows).to(dtype)
+    y_all[0, 0] = float("nan")  # bits are copied, whatever they hold
+    want = y_all.gather(1, st.row_index.index_select(0, ids))
+    got = kk._select_by_runs(y_all, st, batch)
+    assert got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+
+
+def test_row_select_takes_runs_only_where_the_cost_model_says_so():
+    """Long runs with few residual channels select by runs; decode-sized runs, a cost model
+    that does not model it (AVX2 defaults) and residual-heavy layers keep the gather."""
+    _, _, st = _row_table_layer(torch.float32)
+    avx512 = kk.CostModel(select_gather=7.0, select_copy=1.2, select_residual=19.0)
+    prefill = ExpertBatch.build(torch.arange(4).repeat_interleave(32), 4)
+    decode = ExpertBatch.build(torch.arange(32) % 4, 4)
+    assert kk.row_select(prefill, st, avx512)[0] == "runs"
+    assert kk.row_select(decode, st, avx512)[0] == "gather"
+    assert kk.row_select(prefill, st, kk.CostModel())[0] == "gather"
+    assert kk.row_select(prefill, st, kk.CostModel(select_gather=7.0, select_copy=1.2, select_residual=40.0))[0] == "gather"
+    name, c = kk.row_select(prefill, st, avx512)
+    resid = sum(st.residual_fraction[e] * n for e, _, n in prefill.runs)
+    assert c == pytest.approx((1.2 * 128 + 19.0 * resid) / st.in_features)
+    assert kk.strategy_costs(prefill, st, avx512)["all_groups"] == pytest.approx(
+        kk.strategy_costs(prefill, st, kk.CostModel())["all_groups"] + c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_groups_on_a_row_table_selects_by_runs_at_prefill(dtype, monkeypatch):
+    """With the AVX-512 constants a prefill batch goes through the runs select, and the output
+    is the reference's."""
+    w, gi, st = _row_table_layer(dtype)
+    st.cost_model = kk.prepacked_cpu_cost(dtype, {"avx512f": True, "avx512_bf16": True})
+    ids = torch.arange(4).repeat_interleave(24)
+    batch = ExpertBatch.build(ids, 4)
+    assert kk.row_select(batch, st, st.cost_model)[0] == "runs"
+    calls = []
+    real = kk._select_by_runs
+    monkeypatch.setattr(kk, "_select_by_runs", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(ids.numel(), 16).to(dtype)
+    got = channel_merged_linear(x, st, batch, "all_groups")
+    assert calls
+    torch.testing.assert_close(got.float(), reference_linear(x, w, gi, ids).float(), **TOL[dtype])

@@ -771,8 +771,10 @@ def all_groups(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.
     state.rows_gemm()(x2, state.bias, out=y_all)
     masks = state.select_masks()
     if masks is None:
+        if row_select(batch, state, state.cost_model)[0] == "runs":
+            return _select_by_runs(y_all, state, batch)
         sel = state.row_index.index_select(0, batch.expert_ids)  # [T, out] columns of y_all
-        return y_all.gather(1, sel)
+        return _bits(y_all).gather(1, sel).view(y_all.dtype)
     k = state.groups
     # lerp(a, b, w) is exactly a at w = 0 and exactly b at w = 1 (torch computes b - (b-a)*(1-w)
     # for w >= 0.5), and reads a [T, out] mask in the activations' dtype instead of an int64
@@ -781,6 +783,46 @@ def all_groups(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.
     y = y3[:, 0]
     for g in range(1, k):
         y = torch.lerp(y, y3[:, g], masks[g - 1].index_select(0, batch.expert_ids))
+    return y
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A 2-byte float tensor as int16 (the same bytes): a select only copies bits, and torch's
+    gather / scatter are 1.3-1.5x faster on int16 than on bfloat16 / float16 on CPU."""
+    return t.view(torch.int16) if t.is_floating_point() and t.element_size() == 2 else t
+
+
+def row_select(batch: ExpertBatch, state: LayerState, cost: "CostModel") -> tuple[str, float]:
+    """How ``all_groups`` picks each (token, channel)'s row when it cannot use masks (row tables,
+    float16), and that select's cost (in dense weight passes, see :class:`CostModel`):
+
+    - ``gather``: one gather of every output element by a ``[T, out]`` int64 index;
+    - ``runs``: copy every token's primary columns, then per run of one expert gather only the
+      channels where that expert leaves its primary row (``residual_fraction``): far fewer
+      elements through the slow indexed path when runs are long (prefill) and residuals few.
+    The cheaper by the cost model; ``gather`` on a tie (the AVX2 calibration models neither).
+    """
+    t = batch.num_tokens
+    per_in = 1.0 / max(1, state.in_features)
+    gather = cost.select_gather * t * per_in
+    if t < RUN_MIN_MEAN_LENGTH * len(batch.runs):
+        return "gather", gather
+    resid = sum(state.residual_fraction[e] * n for e, _, n in batch.runs)
+    runs = (cost.select_copy * t + cost.select_residual * resid) * per_in
+    return ("runs", runs) if runs < gather else ("gather", gather)
+
+
+def _select_by_runs(y_all: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
+    """``row_select``'s ``runs``: the primary columns ``y_all[:, :out]`` for every token, then for
+    each run of expert ``e`` its residual channels from the rows it uses there."""
+    y = y_all[:, : state.out_features].contiguous()  # a fresh tensor: y_all is step scratch
+    yb, ab = _bits(y), _bits(y_all)
+    for e, s, n in batch.runs:
+        cols = state.residual_rows[e]
+        k = cols.numel()
+        if k:
+            got = ab[s : s + n].gather(1, state.residual_flat[e].expand(n, k))
+            yb[s : s + n].scatter_(1, cols.expand(n, k), got)
     return y
 
 
@@ -912,7 +954,8 @@ class CostModel:
     beyond the first, with masks) / writing one residual element of ``majority_residual``, in
     units of one weight element's pass (0: not modelled, as in the AVX2 calibration); they weigh
     at prefill sizes. ``select_gather``: the same for ``all_groups``' int64 gather (row tables,
-    float16), per output element.
+    float16), per output element; ``select_copy`` / ``select_residual``: its select by runs
+    (:func:`row_select`), per output element copied / per residual element gathered.
     """
 
     flop_per_token: float = 0.12
@@ -924,6 +967,8 @@ class CostModel:
     select: float = 0.0
     scatter: float = 0.0
     select_gather: float = 0.0
+    select_copy: float = 0.0
+    select_residual: float = 0.0
 
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> "CostModel":
@@ -962,13 +1007,16 @@ def prepacked_cpu_cost(dtype: torch.dtype, flags: Optional[dict[str, bool]] = No
 _AVX512_COST = {
     # F.linear T=1 ~1.0 ms per SmolLM2 layer (4 linears); +3.6% a token; oneDNN ~0.9x of it;
     # a gather ~2.2 passes; the lerp select ~2.9, a residual scatter ~22 weight elements each.
-    # The gather select of a row table (kernels_cpu.py --split 0.5): ~7 weight elements' time.
+    # The gather select of a row table (kernels_cpu.py --split 0.5): ~7 weight elements' time;
+    # by runs (T=512, 4 runs, residual fraction 0.19; relative to the gather in the same run):
+    # a copied element ~1.2, a residual element ~19.
     torch.float32: CostModel(flop_per_token=0.036, gather=2.2, launch_us=10.0, bytes_per_us=14e3, packed=0.9,
-                             select=2.9, scatter=22.0, select_gather=7.0),
+                             select=2.9, scatter=22.0, select_gather=7.0, select_copy=1.2, select_residual=19.0),
     # bf16: F.linear T=1 ~1.0 ms too (no faster than float32 at decode), +0.74% a token;
-    # vLLM's oneDNN / AMX GEMM ~0.72x of it; a gather ~0.84 passes.
+    # vLLM's oneDNN / AMX GEMM ~0.72x of it; a gather ~0.84 passes. Selects on int16 bits:
+    # the gather ~7.7 weight elements' time, by runs a copied element ~0.7, a residual one ~12.5.
     torch.bfloat16: CostModel(flop_per_token=0.0074, gather=0.84, launch_us=10.0, bytes_per_us=7.2e3, packed=0.72,
-                              select=2.0, scatter=23.0, select_gather=11.0),
+                              select=2.0, scatter=23.0, select_gather=7.7, select_copy=0.7, select_residual=12.5),
 }
 
 
@@ -981,6 +1029,8 @@ def strategy_costs(
     packed(t)         = p * dense(t)                       (p = packed: a prepacked weight)
     all_groups        = K * packed(T) + L + (K - 1) * select * T / in   (K = rows / out; masks)
                         K * packed(T) + L + select_gather * T / in       (an int64 gather)
+                        K * packed(T) + L + (select_copy * T + select_residual * sum_e r_e * t_e) / in
+                                                                         (by runs: row_select)
     per_expert_gather = sum_e [gather_e + dense(t_e) + L]; a one-group expert: packed(t_e) + L
     hot_cache         = per_expert_gather with packed(t_e) + L for experts already cached
     majority_residual = packed(T) + L + sum_e [r_e * (gather + dense(t_e) + scatter * t_e / in) + L]
@@ -994,8 +1044,8 @@ def strategy_costs(
     def d(n: int) -> float:
         return 1.0 + a * n
 
-    select = (k - 1) * cost.select if state.lerp_select else cost.select_gather
-    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + select * t * per_in}
+    select = (k - 1) * cost.select * t * per_in if state.lerp_select else row_select(batch, state, cost)[1]
+    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + select}
     pe = hc = mr = 0.0
     for e, n in zip(batch.experts, batch.counts):
         plain = cost.gather + d(n) + lc

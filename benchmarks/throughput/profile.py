@@ -10,9 +10,11 @@ linears of the stock model show as ``aten::linear``.
     python -m benchmarks.throughput.profile --system a     # stock vLLM, one dense expert
     python -m benchmarks.throughput.profile --system b     # channelmerge, experts mixed
     python -m benchmarks.throughput.profile --system d     # channelmerge, one expert
+    python -m benchmarks.throughput.profile --system b --dtype bfloat16
 
-Each run writes ``work/throughput/profile-<system>.json`` (the buckets) and, with
-``--report``, all present runs are summarised into ``benchmarks/throughput/PROFILE.md``.
+Each run writes ``work/throughput/profile-<system>[-<dtype>].json`` (the buckets; no suffix
+for float32) and, with ``--report``, all present runs are summarised into
+``benchmarks/throughput/PROFILE.md``.
 The engine runs one thread by default (``--threads``): on a shared 2-core machine, OpenMP
 threads wait for each other whenever one is descheduled, which inflates short ops.
 """
@@ -69,7 +71,8 @@ def _prompts(tokenizer_dir: Path, n: int, input_len: int, seed: int) -> list[lis
     return [[rng.choice(vocab) for _ in range(input_len)] for _ in range(n)]
 
 
-def run(system: str, concurrency: int, input_len: int, output_len: int, seed: int, threads: int = 1) -> dict:
+def run(system: str, concurrency: int, input_len: int, output_len: int, seed: int, threads: int = 1,
+        dtype: str = "float32") -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # One thread by default: on a shared machine, OpenMP threads of every op wait for each
     # other when one is descheduled, which inflates short ops; one thread keeps the shares true.
@@ -87,7 +90,7 @@ def run(system: str, concurrency: int, input_len: int, output_len: int, seed: in
     model = experts[names[0]] if system == "a" else merged
     if system != "a":
         _instrument()
-    llm = LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=1024,
+    llm = LLM(model=str(model), dtype=dtype, enforce_eager=True, max_model_len=1024,
               max_num_seqs=64, seed=seed, enable_prefix_caching=False)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in _prompts(experts[names[0]], concurrency, input_len, seed)]
 
@@ -116,7 +119,7 @@ def run(system: str, concurrency: int, input_len: int, output_len: int, seed: in
     attn = [k for k in events if any(m in k.lower() for m in ATTENTION_MARKERS) and not k.startswith("channelmerge")]
     top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return {
-        "system": system, "concurrency": concurrency, "input_len": input_len, "output_len": output_len,
+        "system": system, "dtype": dtype, "concurrency": concurrency, "input_len": input_len, "output_len": output_len,
         "wall_s": wall, "output_tokens": tokens, "tokens_per_s": tokens / wall,
         "buckets_s": buckets,
         "attention_events_s": {k: total(k) for k in attn},
@@ -125,20 +128,38 @@ def run(system: str, concurrency: int, input_len: int, output_len: int, seed: in
     }
 
 
+DTYPES = ("float32", "bfloat16")
+
+
+def _path(system: str, dtype: str) -> Path:
+    return WORK / (f"profile-{system}.json" if dtype == "float32" else f"profile-{system}-{dtype}.json")
+
+
+def kernels_host() -> str:
+    """The host's CPU kind and flags, as the other benchmarks record them."""
+    try:
+        from vllm_channelmerge import kernels
+
+        return kernels.cpu_isa_summary()
+    except ImportError:
+        return ""
+
+
 def report() -> Path:
     runs = {}
-    for s in "abd":
-        p = WORK / f"profile-{s}.json"
-        if p.exists():
-            runs[s] = json.loads(p.read_text())
+    for dt in DTYPES:
+        for s in "abd":
+            p = _path(s, dt)
+            if p.exists():
+                runs[(s, dt)] = json.loads(p.read_text())
     labels = {"a": "a: stock vLLM, one dense expert", "b": "b: channelmerge, 4 experts mixed",
               "d": "d: channelmerge, one expert"}
     lines = ["# Profile of a decode-heavy load (torch profiler, in-process engine)", "",
-             "Command: `python -m benchmarks.throughput.profile --system a|b|d` then `--report`  ",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores  ",
+             "Command: `python -m benchmarks.throughput.profile --system a|b|d [--dtype bfloat16]` then `--report`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores; CPU: {kernels_host() or 'not recorded'}  ",
              f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ", ""]
-    for s, r in runs.items():
-        lines += [f"## {labels[s]}", "",
+    for (s, dt), r in runs.items():
+        lines += [f"## {labels[s]} ({dt})", "",
                   f"{r['concurrency']} requests at once, {r['input_len']} in / {r['output_len']} out tokens; "
                   f"{r['output_tokens']} tokens in {r['wall_s']:.2f} s = {r['tokens_per_s']:.1f} tok/s "
                   f"(under the profiler, {r['threads']} thread).", "",
@@ -166,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads of the engine")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32")
     ap.add_argument("--report", action="store_true", help="summarise the runs present into PROFILE.md")
     a = ap.parse_args(argv)
     if a.system:
-        r = run(a.system, a.concurrency, a.input_len, a.output_len, a.seed, a.threads)
+        r = run(a.system, a.concurrency, a.input_len, a.output_len, a.seed, a.threads, a.dtype)
         WORK.mkdir(parents=True, exist_ok=True)
-        (WORK / f"profile-{a.system}.json").write_text(json.dumps(r, indent=1) + "\n")
+        _path(a.system, a.dtype).write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps({k: r[k] for k in ("system", "tokens_per_s", "buckets_s")}, indent=1))
     if a.report:
         print(report())
