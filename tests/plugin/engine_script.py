@@ -6,6 +6,7 @@ A script, not a test: vLLM spawns its workers, so engines run in their own proce
     engine_script.py plugin MERGED OUT.json [--tp N] [--quick]
     engine_script.py ref OUT.json NAME=DIR [NAME=DIR ...]
     engine_script.py load MERGED          (exit 0 if the engine starts)
+    engine_script.py loads OUT.json NAME=DIR [NAME=DIR ...]   (each checkpoint's load error, in turn)
     engine_script.py refusals MERGED OUT.json   (start-up settings the plugin must refuse)
     engine_script.py untested MERGED PLAIN OUT.json   (as if vLLM were an untested release)
 """
@@ -137,6 +138,27 @@ def run_load(merged: str) -> None:
     _close(LLM(model=merged, **ENGINE_KW))
 
 
+def run_loads(out_path: str, pairs: list[str]) -> None:
+    """Start an engine on each checkpoint in turn, the engine core in this process (so that its
+    error is the exception raised here, and vLLM is imported once for all of them); record the
+    full error text of each (None: it started)."""
+    import traceback
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    res = {}
+    for pair in pairs:
+        name, path = pair.split("=", 1)
+        try:
+            _close(LLM(model=path, **ENGINE_KW))
+            res[name] = None
+        except Exception as exc:  # noqa: BLE001
+            res[name] = "".join(traceback.format_exception(exc))
+        gc.collect()
+    json.dump(res, open(out_path, "w"))
+
+
 def run_refusals(merged: str, out_path: str) -> None:
     """Build the engine config (the plugin's config hook runs; no engine starts) for each
     setting the plugin must refuse at start-up; record each error (None: accepted)."""
@@ -184,6 +206,8 @@ def main(argv: list[str]) -> int:
         run_ref(argv[1], argv[2:])
     elif mode == "load":
         run_load(argv[1])
+    elif mode == "loads":
+        run_loads(argv[1], argv[2:])
     elif mode == "refusals":
         run_refusals(argv[1], argv[2])
     elif mode == "untested":
