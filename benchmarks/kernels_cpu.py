@@ -16,6 +16,13 @@ section of the results file.
 
     nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py [--dtype float32 bfloat16] [--write benchmarks/kernels_RESULTS.md]
 
+``--isa avx2`` runs as on an AVX2-only host, on a host with AVX-512: oneDNN and torch's own
+kernels and MKL (``F.linear``'s BLAS) limited to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``,
+``ATEN_CPU_CAPABILITY=avx2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``, set by a re-exec before any
+of them initialises) and the plugin's view of the CPU flags masked to AVX2 (so
+its cost constants are the AVX2 ones). An emulation, not the hardware: the caches and memory
+are the host's; its section is named as such.
+
 ``--split S`` runs the same layers as row tables (format v2, a budget merge): only a share S of
 each layer's channels keeps a second row, so the merged layer stores (1 + S) x the dense rows;
 its results are a section of their own.
@@ -119,6 +126,25 @@ def host_line() -> str:
     on = " ".join(k for k, v in flags.items() if v) or "none"
     return (f"{kk.host_kind(flags)}; CPU flags: {on}; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores")
+
+
+# What ``--isa`` limits: the environment each library reads at initialisation.
+EMULATED_ISA = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                         "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def emulate_isa(isa: str) -> str:
+    """Re-exec this process with oneDNN and ATen limited to `isa` (once), then mask the plugin's
+    CPU flags to it; returns the label of the emulation for the host line."""
+    env = EMULATED_ISA[isa]
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+    real = kk.cpu_flags()
+    if isa == "avx2" and not real.get("avx2"):
+        raise SystemExit("--isa avx2: this CPU has no AVX2")
+    masked = {k: (k == "avx2") for k in real}
+    kk.cpu_flags = lambda: dict(masked)  # every caller looks it up in the module
+    return f" (emulated on {kk.host_kind(real)}: {', '.join(f'{k}={v}' for k, v in env.items())})"
 
 
 def native_bf16() -> bool:
@@ -258,14 +284,17 @@ def main() -> None:
                     help="default: float32, and bfloat16 where the CPU has native bf16")
     ap.add_argument("--split", type=float, default=None,
                     help="row tables (format v2) with this share of channels split (default: K=2 groups)")
+    ap.add_argument("--isa", choices=sorted(EMULATED_ISA), default=None,
+                    help="run as on a host with only this ISA (see the module docstring)")
     args = ap.parse_args()
+    emulated = emulate_isa(args.isa) if args.isa else ""
     dtypes = args.dtype or (["float32", "bfloat16"] if native_bf16() else ["float32"])
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     gemm = vllm_gemm()
     when = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     host = host_line()
-    kind = kk.host_kind() + ("" if args.split is None else f", row tables with {args.split:.0%} of channels split")
+    kind = kk.host_kind() + emulated + ("" if args.split is None else f", row tables with {args.split:.0%} of channels split")
     out = [f"## {kind}", "",
            f"Host: {host}. torch {torch.__version__}, {torch.get_num_threads()} thread(s); {when}.  ",
            f"Command: `nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py {' '.join(sys.argv[1:])}`  ",
