@@ -87,15 +87,17 @@ def partition_cost(d2: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=32)
 def _partition_weights(n: int, k: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partitions [P, n] and their cost weights [n*n, P]: 1/(2|g|) where i, j share group g."""
-    parts = set_partitions(n, k).to(device)
+    """Partitions [P, n] (canonical labels, `relabel`) and their cost weights [n*n, P]:
+    1/(2|g|) where i, j share group g (the cost does not depend on the labels)."""
+    parts = relabel(set_partitions(n, k).to(device))
     same = (parts.unsqueeze(2) == parts.unsqueeze(1)).to(dtype)  # [P, n, n]
     weights = same / (2 * same.sum(2, keepdim=True))
     return parts, weights.reshape(len(parts), n * n).t().contiguous()
 
 
 def exact_partition(d2: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
-    """Optimal partition per channel by enumeration: [R, N, N] -> [R, N] labels."""
+    """Optimal partition per channel by enumeration: [R, N, N] -> [R, N] labels, already
+    canonical (`relabel`): the enumerated partitions are relabelled once, not every channel."""
     r, n, _ = d2.shape
     parts, wflat = _partition_weights(n, k, d2.dtype, str(d2.device))
     best = torch.empty(r, dtype=torch.int64, device=d2.device)
@@ -195,10 +197,8 @@ def partition_from_gram(
         return torch.arange(n, device=g.device).expand(r, n).clone()
     d2 = sq_distances(g, similarity)
     if num_partitions(n, k) <= exact_limit:
-        a = exact_partition(d2, k)
-    else:
-        a = kmeans_partition(d2, k, n_init=n_init)
-    return relabel(a)
+        return exact_partition(d2, k)
+    return relabel(kmeans_partition(d2, k, n_init=n_init))
 
 
 def row_gram(deltas_rni: torch.Tensor) -> torch.Tensor:

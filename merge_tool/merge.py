@@ -270,10 +270,7 @@ class _Measures:
                          rec: torch.Tensor) -> None:
         """Measure what the runtime will see: the stored (rounded) group rows [K, R, I], looked
         up per expert by `assign` [R, N] into `rec` [R, N, I], against the experts' rows `w`."""
-        k, rr, width = rounded.shape
-        flat = (assign * rr + torch.arange(rr, device=assign.device).unsqueeze(1)).reshape(-1)
-        torch.index_select(rounded.view(k * rr, width), 0, flat, out=rec.view(-1, width))
-        self.err += _sumsq(rec.sub_(w))
+        self.err += _sumsq(_lookup_residual(rounded, assign, w, rec))
         self.outside += (assign != 0).sum(0).double().cpu()
 
     def finite(self) -> bool:
@@ -533,7 +530,7 @@ class _Merger:
                 parts[rows.start:rows.stop, k - 1] = assign.cpu()
                 if by_method:
                     g = self._combine(ds, base_rows, w, assign, k, out=self._ws("g", (k, *base_rows.shape)))
-                    r = self._lookup_residual(g, assign, w, self._ws("rec", tuple(w.shape)))
+                    r = _lookup_residual(g, assign, w, self._ws("rec", tuple(w.shape)))
                     if measure == "activation":
                         e = calib.output_error(r, inputs, None if counts is None else counts[rows.start:rows.stop])
                     else:
@@ -546,14 +543,6 @@ class _Merger:
         if not bool(torch.isfinite(error).all()):
             self._check_finite(job)
         return budgetmod.Curve(job.name, error, groups, row_cost(job, in_bytes), parts)
-
-    @staticmethod
-    def _lookup_residual(g: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """Each expert's looked-up row minus its own, g[assign[c, n], c] - w[c, n] -> [R, N, I'] in `rec`."""
-        k, rr, width = g.shape
-        flat = (assign * rr + torch.arange(rr, device=assign.device).unsqueeze(1)).reshape(-1)
-        torch.index_select(g.reshape(k * rr, width), 0, flat, out=rec.view(-1, width))
-        return rec.sub_(w)
 
     def _activations(self, job: Job) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The calibration inputs F [M, I'] (a folded norm's base weight divided out: the stored
@@ -634,7 +623,7 @@ class _Merger:
         # group of each extra row: 1..rows-1 within its channel
         offs = torch.cumsum(n_extra, 0) - n_extra
         grp = torch.arange(chan.numel(), device=self.dev) - offs[chan] + 1
-        extra = stored[grp, chan]  # [E, I']
+        extra = stored.view(-1, stored.shape[2]).index_select(0, grp * rows.size + chan)  # [E, I']
         if extra.shape[0]:
             writer.write_at((out_rows + first) * in_dim * elem, extra[:, :in_dim])
         if st.bias_out is not None:
@@ -742,6 +731,16 @@ def _fix_small_groups(g: torch.Tensor, w: torch.Tensor, assign: torch.Tensor, si
     if bool(single.any()):
         rr, nn = single.nonzero(as_tuple=True)
         g[assign[rr, nn], rr] = w[rr, nn]
+
+
+def _lookup_residual(g: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """Each expert's looked-up row minus its own, g[assign[c, n], c] - w[c, n] -> [R, N, I'] in
+    `rec` (one row lookup, then one subtraction: cheaper than a broadcast against group 0 and a
+    second lookup for the pairs outside it)."""
+    k, rr, width = g.shape
+    flat = (assign * rr + torch.arange(rr, device=assign.device).unsqueeze(1)).reshape(-1)
+    torch.index_select(g.reshape(k * rr, width), 0, flat, out=rec.view(-1, width))
+    return rec.sub_(w)
 
 
 def _sumsq_rows(x: torch.Tensor) -> torch.Tensor:
