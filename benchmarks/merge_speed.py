@@ -12,6 +12,10 @@ runs, each in a fresh subprocess, alternating:
 Reports wall time (best of the repeats), ratio to the floor and peak RSS of each process.
 
     nice -n 10 python benchmarks/merge_speed.py [--repeats 2] [--method average] [--k 2] [--budget 0.35]
+                                                [--threads 1]
+
+``--threads T`` is the merge's ``--threads`` (torch CPU threads for its math; the floor, which
+only reads and writes, runs on one).
 
 With ``--budget B`` the merge runs under a memory budget (format v2: its extra allocation pass
 reads every channel tensor once more); the floor is then that output's own tensors.
@@ -93,7 +97,7 @@ def child_floor(merged: str, out: str) -> dict:
             "write_bytes": wbytes, "peak_rss": peak_rss()}
 
 
-def child_merge(out: str, method: str, k: int, budget: str = "none") -> dict:
+def child_merge(out: str, method: str, k: int, budget: str = "none", threads: int = 1) -> dict:
     from merge_tool.config import parse_config
     from merge_tool.merge import run_merge
 
@@ -102,7 +106,7 @@ def child_merge(out: str, method: str, k: int, budget: str = "none") -> dict:
                         "experts": [{"name": n, "model": str(fam / n)} for n in NAMES],
                         **({} if budget == "none" else {"budget": float(budget)})})
     t0 = time.perf_counter()
-    run_merge(cfg, out, force=True, progress=False)
+    run_merge(cfg, out, force=True, progress=False, threads=threads)
     return {"seconds": time.perf_counter() - t0, "peak_rss": peak_rss()}
 
 
@@ -119,11 +123,12 @@ def main() -> None:
     ap.add_argument("--method", default="average")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--budget", type=float, help="merge under this budget (stored params / ensemble)")
+    ap.add_argument("--threads", type=int, default=1, help="the merge's torch threads (its --threads)")
     ap.add_argument("--child", nargs="+")
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        res = child_floor(*rest) if kind == "floor" else child_merge(rest[0], rest[1], int(rest[2]), rest[3])
+        res = child_floor(*rest) if kind == "floor" else child_merge(rest[0], rest[1], int(rest[2]), rest[3], int(rest[4]))
         print(json.dumps(res))
         return
     build()
@@ -133,10 +138,10 @@ def main() -> None:
     merges, floors = [], []
     # A first merge so that the floor knows the output's shapes (and the caches are warm for both).
     budget = "none" if args.budget is None else str(args.budget)
-    merges.append(run_child("merge", str(merged), args.method, str(args.k), budget))
+    merges.append(run_child("merge", str(merged), args.method, str(args.k), budget, str(args.threads)))
     for _ in range(args.repeats):
         floors.append(run_child("floor", str(merged), str(floor_out)))
-        merges.append(run_child("merge", str(merged), args.method, str(args.k), budget))
+        merges.append(run_child("merge", str(merged), args.method, str(args.k), budget, str(args.threads)))
     shutil.rmtree(floor_out, ignore_errors=True)
     out_bytes = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
     best_m = min(m["seconds"] for m in merges)
@@ -144,6 +149,7 @@ def main() -> None:
     res = {
         "model": "SmolLM2-135M-shaped Llama, random bf16 weights, tied embeddings",
         "experts": len(NAMES), "num_groups": args.k, "method": args.method, "budget": args.budget,
+        "threads": args.threads,
         "input_bytes": in_bytes, "output_bytes": out_bytes,
         "merge_seconds": [round(m["seconds"], 2) for m in merges],
         "floor_seconds": [round(f["seconds"], 2) for f in floors],
@@ -159,7 +165,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
     }
     print(json.dumps(res, indent=1))
-    tag = "" if args.budget is None else f"_budget{args.budget}"
+    tag = ("" if args.budget is None else f"_budget{args.budget}") + ("" if args.threads == 1 else f"_t{args.threads}")
     (WORK / f"result_{args.method}_k{args.k}{tag}.json").write_text(json.dumps(res, indent=1))
 
 
