@@ -80,6 +80,13 @@ NOTES = """
 - Prefill is compute-bound: `per_expert_gather` does the dense FLOPs (plain `F.linear` on a
   per-call gather) plus one gather per present expert; `all_groups` does K x the FLOPs, but on
   the prepacked GEMM. Which wins depends on how much faster the prepacked GEMM is on the host.
+- AVX2 hosts, emulated (`--isa avx2`, section below; two runs each, same machine, quiet):
+  with oneDNN limited to AVX2, vLLM's prepacked GEMM is ~19% slower than `F.linear` at T=1,
+  10–16% faster at T=8–32, and even at T=64 and in prefill. Against the kernels before the
+  prepacked GEMMs (commit 20ee93c, plain `F.linear`, same emulation), `auto` is 7–20% slower
+  for mixed decode at T=1 and 4–8% slower at T=64, 18–21% faster at T=8, 2–3% faster at T=32
+  and 8–11% faster in prefill; one-expert T=32 moved +11% / −14% between runs (noise). So on
+  an AVX2 host, concurrency-1 decode is the one place the prepacked path costs time.
 - `auto` follows `choose_strategy`'s cost model (`kernels.CostModel`; on AVX-512 hosts the
   constants of `kernels.prepacked_cpu_cost`, by dtype).
 """
