@@ -16,10 +16,13 @@ Porting channelmerge to a new vLLM starts and ends in this module. What it holds
   resolved (:func:`~vllm_channelmerge.format.resolve_expert`); the index travels in
   ``extra_args`` and the prefix-cache salt names the expert;
 * the **Model Runner V1** subclass (``_model_forward`` builds per-token ids in batch order,
-  ``_dummy_run`` is the only forward allowed without them) and the workers that install it;
-  the **Model Runner V2** ``ModelState`` that does the same from request slots;
+  ``_dummy_run`` is the only forward allowed without them, ``_get_prompt_logprobs_dict`` is
+  handed row numbers) and the workers that install it; the **Model Runner V2** ``ModelState``
+  that builds the ids from request slots, and the V2 runner subclass that marks its
+  ``PromptLogprobsWorker`` the same way (``StepState.numbered_rows``);
 * the **config hook** (``MODELS_CONFIG_MAP``): worker class, eager mode, refusals (foreign
-  workers, PP, DP, speculative decoding), the shards' expert binding; and the **HTTP hook**.
+  workers, PP, DP, speculative decoding, batch-sharded sampling), the shards' expert
+  binding; and the **HTTP hook**.
 
 vLLM is imported lazily (classes are built on first use and cached), so importing this
 module, and unit-testing its pure parts, needs no particular vLLM build.
@@ -43,7 +46,7 @@ from vllm_channelmerge import format as fmt
 from vllm_channelmerge import rowtable
 from vllm_channelmerge import kernels
 from vllm_channelmerge import layers
-from vllm_channelmerge.context import EngineContext, token_expert_ids
+from vllm_channelmerge.context import EngineContext, StepState, token_expert_ids
 
 log = logging.getLogger("vllm_channelmerge")
 # Start-up facts (which GEMM runs) go under vLLM's logger namespace: vLLM gives only "vllm.*"
@@ -614,20 +617,26 @@ class ChannelMergedModelMixin:
         ref = input_ids if input_ids is not None else inputs_embeds
         step = self.cm_ctx.step
         step.begin(expert_ids, request_expert_ids, ref.shape[0], ref.device)
-        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        if isinstance(out, torch.Tensor):
-            step.hidden = out
-        return out
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def compute_logits(self, hidden_states: torch.Tensor):
+        # `hidden_states`: one row per request, or row numbers inside the runner's
+        # prompt-logprobs call (StepState.numbered_rows); the step state says which.
         step = self.cm_ctx.step
-        batch = step.logits_batch = step.rows_batch(hidden_states)
+        hidden_states, batch = step.logits_rows(hidden_states)
+        step.logits_batch = batch
         if self.cm_expert_norm is not None:
             hidden_states = hidden_states * self.cm_expert_norm[batch.expert_ids]
         try:
             return super().compute_logits(hidden_states)
         finally:
             step.logits_batch = None
+
+    def compute_logits_local(self, hidden_states: torch.Tensor):
+        # V2's batch-sharded sampling hands this rows in rank-owner order, which no expert
+        # ids follow; the config hook refuses that mode, and this is the backstop.
+        raise RuntimeError("channelmerge: compute_logits_local (batch-sharded sampling) is not "
+                           "supported: its rows come in an order no expert ids follow")
 
     def get_model_state_cls(self):
         return model_state_cls()
@@ -788,18 +797,12 @@ class ExpertIdsV1Mixin:
             return super()._dummy_run(*args, **kwargs)
 
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
-        # Each compute_logits call in here gets hidden_states[start : start + n] of one request
-        # (start = its first row in the step): the lm_head is told each such request's start and
-        # expert, and refuses any other rows instead of guessing.
-        n_experts = self.model.cm_config.num_experts
-        rows = {}
-        for req_id in self.num_prompt_logprobs:
-            idx = self.input_batch.req_id_to_index.get(req_id)
-            if idx is not None and req_id in num_scheduled_tokens:
-                rows[int(self.query_start_loc.np[idx])] = admitted_expert(
-                    self.requests[req_id].sampling_params, n_experts)
-        with self._cm_step().prompt_logprobs_call(rows):
+        # vLLM slices one request's rows out of `hidden_states` per compute_logits call: it is
+        # handed row numbers instead, so every row it passes on says which token it is.
+        if not self.num_prompt_logprobs:
             return super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
+        with self._cm_step().numbered_rows(hidden_states) as rows:
+            return super()._get_prompt_logprobs_dict(rows, num_scheduled_tokens)
 
 
 class ChannelMergedWorkerMixin:
@@ -843,11 +846,13 @@ def _gpu_worker_cls() -> type:
     from vllm.v1.worker.gpu_worker import Worker
 
     class ChannelMergedGPUWorker(ChannelMergedWorkerMixin, Worker):
-        """GPU worker: V1 runner subclass; V2 uses the model's ModelState unchanged."""
+        """GPU worker: V1 or V2 runner subclass (V2 also takes the ids from the model's ModelState)."""
 
         def _make_model_runner(self):
             if getattr(self, "use_v2_model_runner", False):
-                return super()._make_model_runner()
+                if self.vllm_config.is_mm_encoder_only:
+                    raise ValueError("channelmerge: encoder-only multimodal runs are not supported")
+                return _v2_runner_cls()(self.vllm_config, self.device)
             return _v1_runner_cls("gpu")(self.vllm_config, self.device)
 
     ChannelMergedGPUWorker.__module__ = __name__
@@ -904,6 +909,52 @@ def make_model_state_cls(base: type) -> type:
     return ChannelMergedModelState
 
 
+class PromptRowsV2Mixin:
+    """Mixed into a V2 ``PromptLogprobsWorker``: both of its prompt-logprobs computations are
+    handed row numbers instead of the hidden states (``StepState.numbered_rows``), so the
+    chunks vLLM cuts (across request boundaries) reach the lm_head with their own tokens' ids."""
+
+    cm_step: StepState
+
+    def compute_prompt_logprobs(self, logits_fn, hidden_states, *args, **kwargs):
+        with self.cm_step.numbered_rows(hidden_states) as rows:
+            return super().compute_prompt_logprobs(logits_fn, rows, *args, **kwargs)
+
+    def compute_prompt_token_id_logprobs(self, logits_fn, hidden_states, *args, **kwargs):
+        with self.cm_step.numbered_rows(hidden_states) as rows:
+            return super().compute_prompt_token_id_logprobs(logits_fn, rows, *args, **kwargs)
+
+
+def mark_prompt_logprobs_worker(worker: Any, step: StepState) -> None:
+    """Give a V2 runner's prompt-logprobs worker the :class:`PromptRowsV2Mixin` (in place)."""
+    worker.__class__ = _mixed_cls(PromptRowsV2Mixin, type(worker))
+    worker.cm_step = step
+
+
+@functools.cache
+def _mixed_cls(mixin: type, base: type) -> type:
+    return type(f"ChannelMerged{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+class ExpertRowsV2RunnerMixin:
+    """Mixed into the V2 model runner: after the model is loaded, its prompt-logprobs worker
+    is marked (the per-token ids themselves come from the model's ModelState)."""
+
+    def load_model(self, *args, **kwargs):
+        out = super().load_model(*args, **kwargs)
+        worker = getattr(self, "prompt_logprobs_worker", None)
+        if worker is not None:
+            mark_prompt_logprobs_worker(worker, self.model.cm_ctx.step)
+        return out
+
+
+@functools.cache
+def _v2_runner_cls() -> type:
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as base
+
+    return type("ChannelMergedGPUModelRunnerV2", (ExpertRowsV2RunnerMixin, base), {"__module__": __name__})
+
+
 @functools.cache
 def model_state_cls() -> type:
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
@@ -954,6 +1005,9 @@ def choose_worker_cls(worker_cls: Any, is_cpu: bool, is_cuda_alike: bool, platfo
 
 def check_parallel_config(pc: Any) -> None:
     """Refuse scale-out modes that are not tested token-exact against one rank."""
+    if getattr(pc, "enable_batch_sharded_sampling", None):
+        raise ValueError("channelmerge: batch-sharded sampling (--enable-batch-sharded-sampling) is "
+                         "not supported: it hands the lm_head rows in an order no expert ids follow")
     pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
     dp = int(getattr(pc, "data_parallel_size", 1) or 1)
     if pp > 1:

@@ -49,6 +49,11 @@ class StepState:
     :meth:`dummy_run` (the runner's profiling / warm-up runs: every token is expert 0);
     anywhere else it raises. Layers then ask for a :class:`~vllm_channelmerge.kernels.ExpertBatch`
     (built once per step and shared by all layers).
+
+    The lm_head's rows come to :meth:`logits_rows` in one of two explicit forms, never
+    told apart by guessing: one row per request (the sampled rows, batch order), or, inside
+    :meth:`numbered_rows` (the runner's prompt-logprobs computation), slices of a tensor of
+    row numbers that stands in for the step's hidden states.
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -57,13 +62,10 @@ class StepState:
         self.request_ids: Optional[torch.Tensor] = None
         self.dummy = True
         self.in_dummy_run = False
-        self.hidden: Optional[torch.Tensor] = None  # last forward's output (prompt-logprob views)
         self._token_batch: Optional[kernels.ExpertBatch] = None
-        self._row_batches: dict = {}
         self.logits_batch: Optional[kernels.ExpertBatch] = None  # set around the lm_head call
-        # Inside a runner's prompt-logprobs computation: {first row of a request in the step's
-        # hidden states: that request's expert}, as the runner gave them; None outside.
-        self.prompt_logprob_rows: Optional[dict[int, int]] = None
+        # Inside numbered_rows: the hidden states the row numbers point into; None outside.
+        self._numbered: Optional[torch.Tensor] = None
         self.steps = 0
 
     @contextlib.contextmanager
@@ -76,26 +78,31 @@ class StepState:
             self.in_dummy_run = prev
 
     @property
-    def in_prompt_logprobs(self) -> bool:
-        return self.prompt_logprob_rows is not None
+    def in_numbered_rows(self) -> bool:
+        return self._numbered is not None
 
     @contextlib.contextmanager
-    def prompt_logprobs_call(self, request_rows: dict[int, int]) -> Iterator[None]:
-        """The runner's prompt-logprobs computation, with each request's first row in the step
-        and its expert (explicit, from the runner): every compute_logits call inside it must get
-        a slice that starts at one of those rows, and its rows get that request's expert."""
-        prev, self.prompt_logprob_rows = self.prompt_logprob_rows, dict(request_rows)
+    def numbered_rows(self, hidden_states: torch.Tensor) -> Iterator[torch.Tensor]:
+        """For the runner's prompt-logprobs computation: yields ``[T, 1]`` row numbers to hand
+        vLLM in place of the step's hidden states ``[T, H]``. vLLM slices and chunks rows
+        as it likes; every compute_logits call inside gets row numbers, which carry each row's
+        own identity, so its hidden state and its token's expert are looked up, not inferred."""
+        if self.dummy or self.token_ids is None:
+            raise RuntimeError(MISSING_IDS)
+        n = hidden_states.shape[0]
+        if hidden_states.dim() != 2 or n > self.token_ids.shape[0]:
+            raise RuntimeError(f"channelmerge: prompt logprobs over hidden states of shape "
+                               f"{tuple(hidden_states.shape)}, but the step has {self.token_ids.shape[0]} tokens")
+        prev, self._numbered = self._numbered, hidden_states
         try:
-            yield
+            yield torch.arange(n, device=hidden_states.device).unsqueeze(1)
         finally:
-            self.prompt_logprob_rows = prev
+            self._numbered = prev
 
     def begin(self, token_ids: Optional[torch.Tensor], request_ids: Optional[torch.Tensor],
               num_tokens: int, device: torch.device) -> None:
         self.steps += 1
         self._token_batch = None
-        self._row_batches = {}
-        self.hidden = None
         if token_ids is None:
             if not self.in_dummy_run:
                 raise RuntimeError(MISSING_IDS)
@@ -124,62 +131,35 @@ class StepState:
     def token_ids_for(self, num_rows: int, device: torch.device) -> torch.Tensor:
         return self.token_batch(num_rows, device).expert_ids
 
-    def rows_batch(self, hidden_states: torch.Tensor) -> kernels.ExpertBatch:
-        """ExpertBatch for the rows given to compute_logits.
+    def logits_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, kernels.ExpertBatch]:
+        """The hidden-state rows that compute_logits was given, and their ExpertBatch.
 
-        Inside the runner's prompt-logprobs computation (:meth:`prompt_logprobs_call`): a slice of
-        the step's hidden states that starts at a request's first row -> that request's expert,
-        as the runner gave it (and the step's own token ids must agree). Otherwise: one row per
-        request (the sampled rows, batch order) -> the requests' ids; a slice of the hidden
-        states (a runner that does not mark its prompt-logprobs calls, V2) -> those tokens' ids;
-        a dummy step -> expert 0. Anything else is refused.
+        Inside :meth:`numbered_rows`: `rows` are row numbers ``[n, 1]`` -> those rows of the
+        step's hidden states, with those tokens' experts. Otherwise: one row per request (the
+        sampled rows, batch order) -> the requests' experts; a dummy step -> expert 0.
+        Anything else is refused with the counts.
         """
-        n = hidden_states.shape[0]
-        dev = hidden_states.device
+        n = rows.shape[0]
+        dev = rows.device
+        if self._numbered is not None:
+            if rows.dtype != torch.long or rows.dim() != 2 or rows.shape[1] != 1:
+                raise RuntimeError(
+                    f"channelmerge: prompt logprobs: compute_logits got rows of shape {tuple(rows.shape)} "
+                    f"and dtype {rows.dtype}, not the row numbers the plugin handed the runner; "
+                    "their expert cannot be known")
+            idx = rows[:, 0]
+            return self._numbered[idx], kernels.ExpertBatch.build(self.token_ids[idx], self.num_experts)
         if self.dummy or self.token_ids is None:
             if not (self.dummy and self.token_ids is not None) and not self.in_dummy_run:
                 raise RuntimeError(MISSING_IDS)
-            return kernels.ExpertBatch.build(torch.zeros(n, dtype=torch.long, device=dev), self.num_experts)
-        off = self._view_offset(hidden_states)
-        if off is not None and off + n > self.token_ids.shape[0]:
-            off = None
-        if self.prompt_logprob_rows is not None:
-            expert = None if off is None else self.prompt_logprob_rows.get(off)
-            if expert is None or bool((self.token_ids[off: off + n] != expert).any()):
-                raise RuntimeError(
-                    f"channelmerge: prompt logprobs: compute_logits got {n} rows that are not a slice "
-                    "of this step's hidden states starting at a request's first token (or their "
-                    "token ids disagree with the request); their expert cannot be known")
-            ids = torch.full((n,), expert, dtype=torch.long, device=dev)
-        elif off is not None:
-            ids = self.token_ids[off: off + n]
-        elif self.request_ids is not None and self.request_ids.shape[0] == n:
-            ids = self.request_ids
-        else:
+            return rows, kernels.ExpertBatch.build(torch.zeros(n, dtype=torch.long, device=dev), self.num_experts)
+        if self.request_ids is None or self.request_ids.shape[0] != n:
             raise RuntimeError(
                 f"channelmerge: compute_logits got {n} rows but the step has "
                 f"{0 if self.request_ids is None else self.request_ids.shape[0]} requests and "
-                f"{self.token_ids.shape[0]} tokens (speculative decoding is not supported)")
-        key = (off, n) if off is not None else ("req", n)
-        b = self._row_batches.get(key)
-        if b is None:
-            b = self._row_batches[key] = kernels.ExpertBatch.build(ids, self.num_experts)
-        return b
-
-    def _view_offset(self, h: torch.Tensor) -> Optional[int]:
-        """Row offset of `h` inside the last forward's hidden states, if it is a view of them
-        (vLLM slices them for a request's prompt logprobs)."""
-        base = self.hidden
-        if base is None or h.dim() != 2 or base.dim() != 2 or h.shape[1] != base.shape[1]:
-            return None
-        if h.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
-            return None
-        if h.stride() != base.stride():
-            return None
-        delta = h.storage_offset() - base.storage_offset()
-        if delta < 0 or delta % base.stride(0):
-            return None
-        return delta // base.stride(0)
+                f"{self.token_ids.shape[0]} tokens; only one row per request is known (prompt "
+                "logprobs come through the runner's own call; speculative decoding is not supported)")
+        return rows, kernels.ExpertBatch.build(self.request_ids, self.num_experts)
 
 
 def _strategy_from_env() -> str:

@@ -235,11 +235,16 @@ def embedding(ctx: EngineContext, rows: torch.Tensor, row_index: torch.Tensor, t
 
 def lm_head(ctx: EngineContext, state: kernels.LayerState, x: torch.Tensor,
             bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """lm_head: one row per sampled request (or a prompt-logprob slice of tokens)."""
-    rows = x.reshape(-1, x.shape[-1])
+    """lm_head: the rows the model's compute_logits resolved (``StepState.logits_rows``), whose
+    ExpertBatch it set; called any other way, the rows' experts are unknown and it refuses."""
+    n = x.numel() // x.shape[-1]
     batch = ctx.step.logits_batch
-    if batch is None or batch.num_tokens != rows.shape[0]:
-        batch = ctx.step.rows_batch(rows)
+    if batch is None:
+        raise RuntimeError("channelmerge: the lm_head was called outside the model's compute_logits; "
+                           "its rows' experts are unknown")
+    if batch.num_tokens != n:
+        raise RuntimeError(f"channelmerge: the lm_head got {n} rows but compute_logits resolved "
+                           f"{batch.num_tokens}; their experts are unknown")
     y = kernels.channel_merged_linear(x, state, batch, ctx.strategy)
     return y if bias is None else y + bias
 
