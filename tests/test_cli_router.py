@@ -131,14 +131,10 @@ def test_bad_router_fails_at_startup_naming_the_file(tmp_path):
 def test_registry_fallback_loads_router(tmp_path, monkeypatch):
     d = merged_config_dir(tmp_path / "m")
     assert main(["router", "train", str(d), write_jsonl(tmp_path / "ex.jsonl", examples_rows())]) == 0
-    saved = (serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router)
-    serving.REGISTRY.experts = serving.REGISTRY.router = None
     monkeypatch.setenv(serving.MODEL_DIR_ENV, str(d))
-    try:
-        assert serving.served_names() == EXPERTS + ["auto"]
-        assert serving.resolve_model("auto", {"prompt": "sum of nine plus seven"}) == "math"
-    finally:
-        serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
+    registry = serving.ExpertRegistry()  # a middleware added by --middleware: found on first use
+    assert registry.served_names() == EXPERTS + ["auto"]
+    assert registry.resolve_model("auto", {"prompt": "sum of nine plus seven"}) == "math"
 
 
 def test_merge_config_router_section(tmp_path, capsys):

@@ -1051,15 +1051,11 @@ def update_vllm_config(vllm_config: Any) -> None:
 
     install_admission_hook()
 
-    # Let the HTTP middleware of this process know the names and the `auto` router (from
-    # the checkpoint's router/ directory). A bad router directory fails here, at start-up,
-    # with a message naming the file.
+    # A bad router directory (the checkpoint's `auto` router) fails here, at start-up, with a
+    # message naming the file; the HTTP hook loads it for its middleware.
     from vllm_channelmerge import serving
 
-    if serving.REGISTRY.experts is None:
-        router = serving.load_router(mc.model, experts)
-        serving.configure(experts, model_dir=str(mc.model), router=router, default_expert=cm.default_expert,
-                          served_name=getattr(mc, "served_model_name", None))
+    serving.load_router(mc.model, experts)
 
 
 def install_config_hooks(architectures: Iterable[str]) -> None:
@@ -1115,8 +1111,9 @@ def install_http_hook() -> bool:
     engine or the workers). The middleware is added *before* vLLM's own (CORS, API-key
     authentication), so it sits inside them. vLLM's key check covers only ``/v1``-like
     prefixes, so the middleware checks the key itself on every other route it lets through.
-    It is added only once the config hook has registered the experts (a channel-merged
-    model), and not when ``--middleware`` already names it. The route table is not read
+    It is added only when the server's ``--model`` is a channel-merged checkpoint folder
+    (with that checkpoint's :class:`~vllm_channelmerge.serving.ExpertRegistry`), and not when
+    ``--middleware`` already names it. The route table is not read
     here: ``build_app`` adds the SageMaker bootstrap's routes after this call, so the
     middleware reads ``app.routes`` at start-up (lifespan) instead.
     """
@@ -1133,10 +1130,12 @@ def install_http_hook() -> bool:
         from vllm_channelmerge import serving
 
         named = any("ExpertRoutingMiddleware" in str(m) for m in (getattr(args, "middleware", None) or []))
-        if serving.REGISTRY.experts is not None and not named:
-            app.add_middleware(serving.ExpertRoutingMiddleware)
+        registry = None if named else serving.registry_for_model(
+            getattr(args, "model", None), getattr(args, "served_model_name", None))
+        if registry is not None:
+            app.add_middleware(serving.ExpertRoutingMiddleware, registry=registry)
             log.info("channelmerge: expert routing middleware installed for experts %s",
-                     ", ".join(serving.REGISTRY.experts))
+                     ", ".join(registry.experts))
         return orig(args, app, *a, **kw)
 
     init_entrypoints_middleware._channelmerge = True  # type: ignore[attr-defined]

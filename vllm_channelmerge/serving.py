@@ -15,7 +15,7 @@ vllm_channelmerge.serving.ExpertRoutingMiddleware`` adds it outside them. Either
    on every route but the model-free ones, before any expert name can appear in an answer:
    vLLM's own check covers only ``/v1``, ``/v2``, ``/inference`` and ``/cohere``, which
    leaves ``/tokenize`` and ``/invocations`` open;
-3. resolves the body's ``model`` to an expert (:func:`resolve_model`: unknown names, and
+3. resolves the body's ``model`` to an expert (:meth:`ExpertRegistry.resolve_model`: unknown names, and
    ``auto`` without a router, get a 404 listing the valid names; no ``model`` is the
    checkpoint's ``default_expert`` or a 400); ``auto`` asks the router, in a worker thread;
 4. sets ``vllm_xargs.expert`` (vLLM copies it to ``SamplingParams.extra_args["expert"]``) and
@@ -26,10 +26,11 @@ vllm_channelmerge.serving.ExpertRoutingMiddleware`` adds it outside them. Either
 5. rewrites ``model`` in the response (JSON and every SSE event) to the expert's name and
    adds the header ``x-channelmerge-expert: <name>``.
 
-Where the expert names (and the router, ``router/`` beside them) come from, first match wins:
-:func:`configure` (called by the plugin's config hook when the server process builds its
-vLLM config, and by tests), the ``CHANNELMERGE_MODEL_DIR`` environment variable (set by
-``channelmerge serve``), or the ``--model`` argument of the server's command line.
+Each middleware owns an :class:`ExpertRegistry` (the expert names, default expert and the
+router, ``router/`` beside them): the plugin's HTTP hook builds it from the server's
+``--model`` checkpoint (:func:`registry_for_model`); one added by ``--middleware`` reads
+``CHANNELMERGE_MODEL_DIR`` (set by ``channelmerge serve``) or the server's ``--model``
+argument on first use. No module state: two apps in one process never share names.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class UnknownModel(LookupError):
 
 class BadRequest(ValueError):
     """A request the middleware refuses with a 400; ``param`` names the field. A custom
-    router (:func:`set_router`) may raise it too."""
+    router (:attr:`ExpertRegistry.router`) may raise it too."""
 
     def __init__(self, message: str, param: Optional[str] = "model", code: Optional[str] = None):
         super().__init__(message)
@@ -97,15 +98,39 @@ class BadRequest(ValueError):
         self.code = code
 
 
-class _Registry:
-    """Expert names, default expert, served name and the optional router of this process."""
+class ExpertRegistry:
+    """The experts one server app routes to: names, default expert, the name vLLM serves and
+    the optional `auto` router. Each middleware owns one (no module state). One made empty
+    (``--middleware``) reads them on first use from ``CHANNELMERGE_MODEL_DIR`` or the
+    server's ``--model`` argument."""
 
-    def __init__(self) -> None:
+    def __init__(self, experts: Optional[list[str]] = None, model_dir: Optional[str] = None,
+                 router: Optional[Router] = None, default_expert: Optional[str] = None,
+                 served_name: Any = None) -> None:
         self.experts: Optional[list[str]] = None
         self.model_dir: Optional[str] = None
-        self.router: Optional[Router] = None
         self.default_expert: Optional[str] = None
-        self.served_name: Optional[str] = None  # the name vLLM serves (from the config hook)
+        self.router: Optional[Router] = router
+        self.served_name: Optional[str] = _first_name(served_name)  # the name vLLM serves
+        if experts is not None:
+            self.configure(experts, model_dir, default_expert)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike, served_name: Any = None) -> "ExpertRegistry":
+        """The registry of a merged checkpoint folder: its config's experts and default
+        expert, and its ``router/`` (a bad router directory raises, naming the file)."""
+        cfg = merged_config_from_dir(model_dir)
+        return cls(cfg.experts, str(model_dir), load_router(model_dir, cfg.experts), cfg.default_expert,
+                   served_name)
+
+    def configure(self, experts: list[str], model_dir: Optional[str] = None,
+                  default_expert: Optional[str] = None) -> None:
+        """Set the experts and the expert of a request naming none (``default_expert``;
+        None: such requests are refused)."""
+        experts = fmt.validate_expert_names(list(experts))
+        if default_expert is not None and default_expert not in experts:
+            raise fmt.FormatError(f"default_expert {default_expert!r} is not one of the experts ({', '.join(experts)})")
+        self.experts, self.model_dir, self.default_expert = experts, model_dir, default_expert
 
     def load(self) -> list[str]:
         if self.experts is None:
@@ -115,36 +140,69 @@ class _Registry:
                     "channelmerge middleware: no expert names known; set "
                     f"{MODEL_DIR_ENV} to the merged checkpoint directory or use `channelmerge serve`"
                 )
-            cfg = merged_config_from_dir(d)
-            router = load_router(d, cfg.experts)
-            self.experts, self.model_dir, self.default_expert = cfg.experts, d, cfg.default_expert
-            if router is not None and self.router is None:
-                self.router = router
+            found = ExpertRegistry.from_model_dir(d)
+            self.configure(found.experts, d, found.default_expert)
+            if self.router is None:
+                self.router = found.router
         return self.experts
 
+    def served_names(self) -> list[str]:
+        names = list(self.load())
+        if self.router is not None:
+            names.append(fmt.AUTO_MODEL_NAME)
+        return names
 
-REGISTRY = _Registry()
+    def resolve_model(self, name: object, body: Mapping[str, Any]) -> str:
+        """The expert that serves a request whose OpenAI `model` field is `name`.
+
+        No `model` (absent, null or "") is the checkpoint's ``default_expert`` when the merge
+        config named one, else a :class:`BadRequest` listing the experts: never a silent first
+        expert. `auto` asks :attr:`router` (this call runs it: the middleware calls this in a
+        worker thread for `auto`); without one it is unknown.
+        """
+        experts = self.load()
+        if name is None or name == "":
+            if self.default_expert is not None:
+                return self.default_expert
+            raise BadRequest("This server serves several experts and the request names none: set "
+                             f"'model' to one of: {', '.join(self.served_names())}", "model", "model_required")
+        if name == fmt.AUTO_MODEL_NAME:
+            if self.router is None:
+                raise UnknownModel(name, self.served_names(),
+                                   "The model 'auto' needs a router, and this checkpoint has none.")
+            picked = self._run_router(body)
+            if picked not in experts:
+                raise UnknownModel(picked, self.served_names(), f"The router picked unknown expert {picked!r}.")
+            return picked
+        if isinstance(name, str) and name in experts:
+            return name
+        raise UnknownModel(name, self.served_names())
+
+    def _run_router(self, body: Mapping[str, Any]) -> str:
+        try:
+            return self.router(body)
+        except BadRequest:
+            raise
+        except ValueError as e:
+            param = getattr(e, "param", None)  # router.RequestTextError: a body it cannot read
+            if param is None:
+                raise
+            raise BadRequest(f"model 'auto' cannot read this request: {e}", param, "invalid_value") from None
 
 
-def configure(experts: list[str], model_dir: Optional[str] = None, router: Optional[Router] = None,
-              default_expert: Optional[str] = None, served_name: Any = None) -> None:
-    """Set the served experts of this process, the `auto` router (if any), the expert of a
-    request naming none (``default_expert``; None: such requests are refused) and the name
-    vLLM serves the checkpoint under (``served_name``, a string or vLLM's list of them)."""
-    experts = fmt.validate_expert_names(list(experts))
-    if default_expert is not None and default_expert not in experts:
-        raise fmt.FormatError(f"default_expert {default_expert!r} is not one of the experts ({', '.join(experts)})")
-    REGISTRY.experts = experts
-    REGISTRY.model_dir = model_dir
-    REGISTRY.default_expert = default_expert
-    REGISTRY.served_name = _first_name(served_name)
-    if router is not None:
-        REGISTRY.router = router
-
-
-def set_router(router: Optional[Router]) -> None:
-    """Install the `auto` router: a function from the request body to an expert name."""
-    REGISTRY.router = router
+def registry_for_model(model: Any, served_name: Any = None) -> Optional[ExpertRegistry]:
+    """The registry of the server's ``--model`` when it is a channel-merged checkpoint folder,
+    else None (another model: the middleware is not installed)."""
+    if not model or not os.path.isdir(str(model)):
+        return None
+    try:
+        cfg = json.loads((Path(str(model)) / fmt.CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # vLLM itself reports an unreadable config
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != fmt.QUANT_METHOD:
+        return None
+    return ExpertRegistry.from_model_dir(str(model), served_name)
 
 
 def load_router(model_dir: str | os.PathLike, experts: list[str]) -> Optional[Router]:
@@ -197,52 +255,6 @@ def _first_name(names: Any) -> Optional[str]:
     return str(names) if names else None
 
 
-def served_names() -> list[str]:
-    names = list(REGISTRY.load())
-    if REGISTRY.router is not None:
-        names.append(fmt.AUTO_MODEL_NAME)
-    return names
-
-
-def resolve_model(name: object, body: Mapping[str, Any]) -> str:
-    """The expert that serves a request whose OpenAI `model` field is `name`.
-
-    No `model` (absent, null or "") is the checkpoint's ``default_expert`` when the merge
-    config named one, else a :class:`BadRequest` listing the experts: never a silent first
-    expert. `auto` asks the router installed with :func:`set_router` (this call runs it: the
-    middleware calls this in a worker thread for `auto`); without one it is unknown.
-    """
-    experts = REGISTRY.load()
-    if name is None or name == "":
-        if REGISTRY.default_expert is not None:
-            return REGISTRY.default_expert
-        raise BadRequest("This server serves several experts and the request names none: set "
-                         f"'model' to one of: {', '.join(served_names())}", "model", "model_required")
-    if name == fmt.AUTO_MODEL_NAME:
-        if REGISTRY.router is None:
-            raise UnknownModel(name, served_names(),
-                               "The model 'auto' needs a router, and this checkpoint has none.")
-        picked = _run_router(body)
-        if picked not in experts:
-            raise UnknownModel(picked, served_names(), f"The router picked unknown expert {picked!r}.")
-        return picked
-    if isinstance(name, str) and name in experts:
-        return name
-    raise UnknownModel(name, served_names())
-
-
-def _run_router(body: Mapping[str, Any]) -> str:
-    try:
-        return REGISTRY.router(body)
-    except BadRequest:
-        raise
-    except ValueError as e:
-        param = getattr(e, "param", None)  # router.RequestTextError: a body it cannot read
-        if param is None:
-            raise
-        raise BadRequest(f"model 'auto' cannot read this request: {e}", param, "invalid_value") from None
-
-
 def expert_salt(expert: str, client_salt: object = None) -> str:
     """Per-expert prefix-cache salt; a client's own salt stays part of it."""
     s = SALT_PREFIX + expert
@@ -276,14 +288,14 @@ def error_body(message: str, code: int = 404, param: Optional[str] = "model",
                                  "code": err_code}}).encode()
 
 
-def models_body(names: list[str]) -> bytes:
+def models_body(names: list[str], model_dir: Optional[str] = None) -> bytes:
     now = int(time.time())
-    return json.dumps({"object": "list", "data": [_model_card(n, now) for n in names]}).encode()
+    return json.dumps({"object": "list", "data": [_model_card(n, now, model_dir) for n in names]}).encode()
 
 
-def _model_card(name: str, now: int) -> dict[str, Any]:
+def _model_card(name: str, now: int, model_dir: Optional[str]) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": now, "owned_by": "channelmerge",
-            "root": REGISTRY.model_dir or name, "parent": None}
+            "root": model_dir or name, "parent": None}
 
 
 # --- route policy ---------------------------------------------------------------------------
@@ -354,7 +366,7 @@ class _ServerInfo:
     """What the middleware learns from the server app (``scope["app"]``) once: its route
     policy, its API keys and the model name vLLM serves."""
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Any, registry: ExpertRegistry):
         self.app = app
         routes = getattr(app, "routes", None)
         self.policy = RoutePolicy(routes if isinstance(routes, (list, tuple)) else None)
@@ -362,7 +374,7 @@ class _ServerInfo:
 
         keys, served = compat.server_settings(app)
         self.key_hashes = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
-        self.served_name = _first_name(served) or REGISTRY.served_name
+        self.served_name = _first_name(served) or registry.served_name
 
     def authorized(self, scope: Mapping[str, Any]) -> bool:
         if not self.key_hashes:
@@ -487,8 +499,12 @@ class ExpertRoutingMiddleware:
     """ASGI middleware: OpenAI `model` name -> expert, and the route policy (see the module
     docstring)."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], **_: Any):
+    def __init__(self, app: Callable[..., Awaitable[None]], registry: Optional[ExpertRegistry] = None,
+                 **_: Any):
         self.app = app
+        # The plugin's HTTP hook passes the checkpoint's registry; `--middleware` gives none,
+        # and an empty one finds the checkpoint on first use.
+        self.registry = registry if registry is not None else ExpertRegistry()
         self._info: Optional[_ServerInfo] = None
 
     def _server(self, scope: Scope) -> _ServerInfo:
@@ -496,7 +512,7 @@ class ExpertRoutingMiddleware:
         then vLLM has added every route, the SageMaker bootstrap's included."""
         server = scope.get("app")
         if self._info is None or self._info.app is not server:
-            self._info = _ServerInfo(server)
+            self._info = _ServerInfo(server, self.registry)
             self._info.log_summary()
         return self._info
 
@@ -567,13 +583,13 @@ class ExpertRoutingMiddleware:
                              "model", "adapters_not_supported")
         name = body.get("model")
         if not generation and (name is None or name == ""):
-            REGISTRY.load()
+            self.registry.load()
             return None  # one tokenizer for every expert: nothing to pick
         if name == fmt.AUTO_MODEL_NAME:
             # The router is Python on the request's text: off the event loop.
-            expert = await asyncio.to_thread(resolve_model, name, body)
+            expert = await asyncio.to_thread(self.registry.resolve_model, name, body)
         else:
-            expert = resolve_model(name, body)
+            expert = self.registry.resolve_model(name, body)
         if generation:
             xargs = body.get("vllm_xargs")
             asked = xargs.get(EXPERT_XARG) if isinstance(xargs, Mapping) else None
@@ -584,13 +600,13 @@ class ExpertRoutingMiddleware:
         return expert
 
     async def _models(self, path: str, send: Send) -> None:
-        names = served_names()
+        names = self.registry.served_names()
         if path == MODELS_ROUTE:
-            return await _respond(send, 200, models_body(names))
+            return await _respond(send, 200, models_body(names, self.registry.model_dir))
         name = path[len(MODELS_ROUTE) + 1:]
         if name not in names:
             return await _respond(send, 404, error_body(str(UnknownModel(name, names))))
-        return await _respond(send, 200, json.dumps(_model_card(name, int(time.time()))).encode())
+        return await _respond(send, 200, json.dumps(_model_card(name, int(time.time()), self.registry.model_dir)).encode())
 
 
 def _parse(raw: bytes) -> Any:

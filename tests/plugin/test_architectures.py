@@ -35,14 +35,17 @@ def test_architecture_matches_extracted(arch, vllm_env, tmp_path):
     cfg = MergeConfig(base_model=str(base), experts=[{"name": n, "model": str(p)} for n, p in dirs.items()],
                       num_groups=2)
     merged = run_merge(cfg, tmp_path / "merged", progress=False)
-    refs = [f"{n}={extract_expert(merged, n, tmp_path / f'x_{n}')}" for n in names[:2]]
+    # One reference engine: expert "code" (index 1), so a plugin that fell back to expert 0
+    # fails; every expert is compared on Llama in test_engine.py.
+    checked = ["code"]
+    refs = [f"{n}={extract_expert(merged, n, tmp_path / f'x_{n}')}" for n in checked]
     out_p, out_r = tmp_path / "plugin.json", tmp_path / "ref.json"
     p = run_script(["plugin", str(merged), str(out_p), "--quick"], vllm_env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     r = run_script(["ref", str(out_r), *refs], vllm_env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     got, want = json.loads(out_p.read_text()), json.loads(out_r.read_text())
-    for n in names[:2]:
+    for n in checked:
         assert len(got["single"][n]) == len(want[n]["prompts"]) > 0, f"{arch} {n}"  # zip() passes on empty
         for i, (a, b) in enumerate(zip(got["single"][n], want[n]["prompts"])):
             assert a["tokens"] == b["tokens"], f"{arch} {n} prompt {i}"

@@ -120,13 +120,8 @@ def _error(payload):
 
 @pytest.fixture
 def routed():
-    serving.configure(EXPERTS, model_dir="/m")
-    serving.set_router(None)
     inner = _EchoApp()
-    yield serving.ExpertRoutingMiddleware(inner), inner
-    serving.configure(EXPERTS)
-    serving.REGISTRY.experts = None
-    serving.set_router(None)
+    return serving.ExpertRoutingMiddleware(inner, registry=serving.ExpertRegistry(EXPERTS, model_dir="/m")), inner
 
 
 def test_middleware_sets_expert_salt_and_the_served_name(routed):
@@ -186,7 +181,7 @@ def test_middleware_unknown_and_auto_are_404(routed):
 
 def test_middleware_router_hook(routed):
     mw, inner = routed
-    serving.set_router(lambda body: "chat" if "hi" in str(body.get("prompt")) else "math")
+    mw.registry.router = lambda body: "chat" if "hi" in str(body.get("prompt")) else "math"
     st, headers, payload = _call(mw, "POST", "/v1/completions", {"model": "auto", "prompt": "hi"})
     assert st == 200 and inner.bodies[-1]["vllm_xargs"]["expert"] == "chat"
     assert headers[serving.EXPERT_HEADER] == b"chat"
@@ -286,7 +281,7 @@ def test_client_vllm_xargs_expert_never_picks_another_expert(routed):
     assert inner.bodies == []
     st, _, _ = _call(mw, "POST", "/v1/completions", {"model": "code", "prompt": "x", "vllm_xargs": {"expert": "code"}})
     assert st == 200 and inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
-    serving.configure(EXPERTS, default_expert="math")
+    mw.registry.configure(EXPERTS, default_expert="math")
     st, _, _ = _call(mw, "POST", "/v1/completions", {"prompt": "x", "vllm_xargs": {"expert": "code"}})
     assert st == 400 and len(inner.bodies) == 1
 
@@ -300,15 +295,17 @@ def test_request_naming_no_model_uses_default_expert_or_is_refused(routed):
         assert "math, code, chat" in err["message"]
     assert inner.bodies == []
     with pytest.raises(serving.BadRequest):
-        serving.resolve_model(None, {})
+        mw.registry.resolve_model(None, {})
     # the tokenizer is every expert's: /tokenize needs no model (and picks no expert)
     st, headers, _ = _call(mw, "POST", "/tokenize", {"prompt": "x"}, server=_server_app())
     assert st == 200 and serving.EXPERT_HEADER not in headers and inner.bodies[-1]["model"] == "/srv/merged"
     st, _, _ = _call(mw, "POST", "/tokenize", {"model": "zzz", "prompt": "x"})
     assert st == 404
     with pytest.raises(fmt.FormatError, match="default_expert"):
-        serving.configure(EXPERTS, default_expert="zzz")
-    serving.configure(EXPERTS, default_expert="chat")
+        mw.registry.configure(EXPERTS, default_expert="zzz")
+    with pytest.raises(fmt.FormatError, match="default_expert"):
+        serving.ExpertRegistry(EXPERTS, default_expert="zzz")
+    mw.registry.configure(EXPERTS, default_expert="chat")
     st, headers, payload = _call(mw, "POST", "/v1/completions", {"prompt": "x"})
     assert st == 200 and inner.bodies[-1]["vllm_xargs"] == {"expert": "chat"}
     assert headers[serving.EXPERT_HEADER] == b"chat" and json.loads(payload)["model"] == "chat"
@@ -317,13 +314,9 @@ def test_request_naming_no_model_uses_default_expert_or_is_refused(routed):
 def test_registry_reads_default_expert_from_the_model_dir(tmp_path, monkeypatch):
     qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2, default_expert="code").to_dict()
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
-    saved = (serving.REGISTRY.experts, serving.REGISTRY.default_expert)
     monkeypatch.setenv(serving.MODEL_DIR_ENV, str(tmp_path))
-    try:
-        serving.REGISTRY.experts = None
-        assert serving.resolve_model(None, {}) == "code" and serving.REGISTRY.experts == EXPERTS
-    finally:
-        serving.REGISTRY.experts, serving.REGISTRY.default_expert = saved
+    empty = serving.ExpertRegistry()  # what a middleware added by --middleware starts with
+    assert empty.resolve_model(None, {}) == "code" and empty.experts == EXPERTS
 
 
 @pytest.mark.parametrize("keys_from", ["args", "env"])
@@ -374,7 +367,7 @@ def test_auto_with_a_malformed_body_is_400_naming_the_field(routed, body, param)
     from vllm_channelmerge.router import request_text
 
     mw, inner = routed
-    serving.set_router(lambda b: "code" if "python" in request_text(b) else "math")
+    mw.registry.router = lambda b: "code" if "python" in request_text(b) else "math"
     st, _, payload = _call(mw, "POST", "/v1/chat/completions", {"model": "auto", **body})
     err = _error(payload)
     assert st == 400 and err["param"] == param, payload
@@ -414,7 +407,7 @@ def test_router_runs_off_the_event_loop(routed):
         _time.sleep(0.3)
         return "code"
 
-    serving.set_router(slow_router)
+    mw.registry.router = slow_router
 
     async def main():
         ticks = []
@@ -459,7 +452,7 @@ def test_bad_json_is_400_and_big_bodies_are_parsed_off_the_loop(routed):
 
 def test_middleware_installed_twice_routes_once(routed):
     mw, inner = routed
-    twice = serving.ExpertRoutingMiddleware(mw)
+    twice = serving.ExpertRoutingMiddleware(mw, registry=serving.ExpertRegistry(EXPERTS))
     _call(twice, "POST", "/v1/completions", {"model": "code", "prompt": "x"})
     assert inner.bodies[-1]["vllm_xargs"] == {"expert": "code"}
 
@@ -479,20 +472,20 @@ def test_vllm_route_table_is_fully_classified():
     assert sorted(sum(s.values(), [])) == sorted({r.path for r in app.routes})
 
 
-def _build_vllm_app(argv):
+def _build_vllm_app(argv, model="/srv/merged"):
     import warnings
 
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "/srv/merged", *argv])
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(model), *argv])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return build_app(args, ("generate",))
 
 
-def test_real_vllm_app_with_the_hook_and_an_api_key(monkeypatch):
+def test_real_vllm_app_with_the_hook_and_an_api_key(monkeypatch, tmp_path):
     """vLLM's own build_app with the plugin's hook (no engine): the middleware finds the app's
     routes and --api-key itself; /tokenize and /invocations, which vLLM leaves open, give 401
     without the key and route with it."""
@@ -504,10 +497,10 @@ def test_real_vllm_app_with_the_hook_and_an_api_key(monkeypatch):
     import vllm.entrypoints.launchers.app  # noqa: F401  (the module the hook wraps)
 
     saved = sys.modules[compat._APP_MODULE].init_entrypoints_middleware
-    serving.configure(EXPERTS, model_dir="/srv/merged")
     try:
         assert compat.install_http_hook()
-        client = TestClient(_build_vllm_app(["--api-key", "sekrit"]), raise_server_exceptions=False)
+        app = _build_vllm_app(["--api-key", "sekrit"], model=_merged_config_dir(tmp_path))
+        client = TestClient(app, raise_server_exceptions=False)
         for path, body in (("/tokenize", {"model": "zzz", "prompt": "x"}),
                            ("/invocations", {"model": "zzz", "prompt": "x"}),
                            ("/v1/chat/completions", {"model": "zzz", "messages": []})):
@@ -518,10 +511,10 @@ def test_real_vllm_app_with_the_hook_and_an_api_key(monkeypatch):
         assert r.status_code == 404 and "math, code, chat" in r.json()["error"]["message"]
         r = client.post("/v1/chat/completions/batch", json={"model": "code", "messages": [[]]}, headers=key)
         assert r.status_code == 404 and r.json()["error"]["code"] == "route_not_supported"
-        assert [m["id"] for m in client.get("/v1/models", headers=key).json()["data"]] == EXPERTS
+        models = client.get("/v1/models", headers=key).json()["data"]
+        assert [m["id"] for m in models] == EXPERTS and models[0]["root"] == str(tmp_path)
     finally:
         sys.modules[compat._APP_MODULE].init_entrypoints_middleware = saved
-        serving.REGISTRY.experts = None
 
 
 def test_salt_is_idempotent():
@@ -582,49 +575,48 @@ def _fake_vllm_config(worker_cls="auto", spec=None, model="/m", default_expert=N
 def test_config_hook_sets_worker_eager_and_admission(caplog, tmp_path, monkeypatch):
     pytest.importorskip("vllm")
     monkeypatch.setattr(fmt, "check_checkpoint_experts", lambda *a: None)  # no shards here
-    saved = serving.REGISTRY.experts
-    serving.REGISTRY.experts = None
-    try:
-        cfg = _fake_vllm_config(model=str(tmp_path), default_expert="chat", served="alias")
-        with caplog.at_level("WARNING", logger="vllm_channelmerge"):
-            compat.update_vllm_config(cfg)
-        assert cfg.parallel_config.worker_cls == "vllm_channelmerge.compat.ChannelMergedCPUWorker"
-        assert cfg.model_config.enforce_eager is True
-        assert "forcing enforce_eager" in caplog.text
-        from vllm.v1.engine.input_processor import InputProcessor
+    cfg = _fake_vllm_config(model=str(tmp_path), default_expert="chat", served="alias")
+    with caplog.at_level("WARNING", logger="vllm_channelmerge"):
+        compat.update_vllm_config(cfg)
+    assert cfg.parallel_config.worker_cls == "vllm_channelmerge.compat.ChannelMergedCPUWorker"
+    assert cfg.model_config.enforce_eager is True
+    assert "forcing enforce_eager" in caplog.text
+    from vllm.v1.engine.input_processor import InputProcessor
 
-        assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
-        assert serving.REGISTRY.experts == EXPERTS
-        compat.update_vllm_config(cfg)  # idempotent
-        assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
-        # The worker classes resolve from their qualified names (what vLLM does).
-        from vllm.utils.import_utils import resolve_obj_by_qualname
+    assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
+    compat.update_vllm_config(cfg)  # idempotent
+    assert getattr(InputProcessor.process_inputs, "_channelmerge", False)
+    # The worker classes resolve from their qualified names (what vLLM does).
+    from vllm.utils.import_utils import resolve_obj_by_qualname
 
-        w = resolve_obj_by_qualname(cfg.parallel_config.worker_cls)
-        assert w.__name__ == "ChannelMergedCPUWorker"
-        with pytest.raises(ValueError, match="speculative"):
-            compat.update_vllm_config(_fake_vllm_config(spec=object(), model=str(tmp_path)))
-    finally:
-        serving.configure(EXPERTS)
-        serving.REGISTRY.experts = saved
+    w = resolve_obj_by_qualname(cfg.parallel_config.worker_cls)
+    assert w.__name__ == "ChannelMergedCPUWorker"
+    with pytest.raises(ValueError, match="speculative"):
+        compat.update_vllm_config(_fake_vllm_config(spec=object(), model=str(tmp_path)))
 
 
-def test_config_hook_gives_the_middleware_default_expert_and_served_name(tmp_path, monkeypatch):
-    pytest.importorskip("vllm")
-    monkeypatch.setattr(fmt, "check_checkpoint_experts", lambda *a: None)  # no shards here
-    saved = serving.REGISTRY.experts
-    serving.REGISTRY.experts = None
-    try:
-        compat.update_vllm_config(_fake_vllm_config(model=str(tmp_path), default_expert="chat", served="alias"))
-        assert serving.REGISTRY.experts == EXPERTS
-        assert serving.REGISTRY.default_expert == "chat" and serving.REGISTRY.served_name == "alias"
-        assert serving.resolve_model(None, {}) == "chat"
-    finally:
-        serving.configure(EXPERTS)
-        serving.REGISTRY.experts = saved
+def test_registry_for_model_reads_the_checkpoint(tmp_path):
+    """The HTTP hook's registry: the checkpoint's experts, default expert and the name vLLM
+    serves; a model that is not a channel-merged folder gets none (no middleware)."""
+    qc = fmt.ChannelMergedConfig(experts=EXPERTS, num_groups=2, default_expert="chat").to_dict()
+    (tmp_path / "m").mkdir()
+    d = _merged_config_dir(tmp_path / "m", qc)
+    r = serving.registry_for_model(str(d), ["alias", "other"])
+    assert r.experts == EXPERTS and r.default_expert == "chat" and r.served_name == "alias"
+    assert r.resolve_model(None, {}) == "chat" and r.model_dir == str(d)
+    assert serving.registry_for_model(None) is None
+    assert serving.registry_for_model(str(tmp_path / "absent")) is None
+    assert serving.registry_for_model("meta-llama/Llama-3.2-1B") is None  # a hub name
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert serving.registry_for_model(str(tmp_path / "plain")) is None
+    qc["format_version"] = 99  # channel-merged but unreadable: refused, naming the field
+    _merged_config_dir(tmp_path / "m", qc)
+    with pytest.raises(fmt.FormatError, match="format_version"):
+        serving.registry_for_model(str(d))
 
 
-def test_http_hook_adds_middleware_inside_vllms(monkeypatch):
+def test_http_hook_adds_middleware_inside_vllms(monkeypatch, tmp_path):
     import sys
 
     calls = []
@@ -636,28 +628,25 @@ def test_http_hook_adds_middleware_inside_vllms(monkeypatch):
         def __init__(self):
             self.added = []
 
-        def add_middleware(self, cls):
-            self.added.append(cls)
+        def add_middleware(self, cls, **kw):
+            self.added.append((cls, kw))
             calls.append(("ours", self))
 
     assert compat.install_http_hook() and compat.install_http_hook()  # idempotent
-    saved = serving.REGISTRY.experts
-    try:
-        serving.REGISTRY.experts = None  # not a channel-merged model: nothing added
-        app = App()
-        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[]), app)
-        assert app.added == []
-        serving.REGISTRY.experts = EXPERTS
-        calls.clear()
-        app = App()
-        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[]), app)
-        assert app.added == [serving.ExpertRoutingMiddleware]
-        assert [c[0] for c in calls] == ["ours", "vllm"]  # added first: innermost
-        app = App()
-        fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[serving.__name__ + ".ExpertRoutingMiddleware"]), app)
-        assert app.added == []
-    finally:
-        serving.REGISTRY.experts = saved
+    app = App()  # not a channel-merged model: nothing added
+    fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[], model=str(tmp_path)), app)
+    assert app.added == []
+    d = _merged_config_dir(tmp_path)
+    calls.clear()
+    app = App()
+    fake.init_entrypoints_middleware(types.SimpleNamespace(middleware=[], model=str(d), served_model_name=None), app)
+    [(cls, kw)] = app.added
+    assert cls is serving.ExpertRoutingMiddleware and kw["registry"].experts == EXPERTS
+    assert [c[0] for c in calls] == ["ours", "vllm"]  # added first: innermost
+    app = App()
+    fake.init_entrypoints_middleware(types.SimpleNamespace(
+        middleware=[serving.__name__ + ".ExpertRoutingMiddleware"], model=str(d)), app)
+    assert app.added == []
 
 
 def test_config_hook_installs_the_router_of_the_model_dir(tmp_path, monkeypatch):
@@ -670,17 +659,12 @@ def test_config_hook_installs_the_router_of_the_model_dir(tmp_path, monkeypatch)
     rows = [{"expert": e, "prompt": f"{w} {w} please"} for e, w in zip(EXPERTS, ("sum", "python", "hello"))]
     (tmp_path / "ex.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
     assert main(["router", "train", str(d), str(tmp_path / "ex.jsonl")]) == 0
-    saved = (serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router)
-    serving.REGISTRY.experts = serving.REGISTRY.router = None
-    try:
-        cfg = _fake_vllm_config()
-        cfg.model_config.model = str(d)
+    cfg = _fake_vllm_config()
+    cfg.model_config.model = str(d)
+    compat.update_vllm_config(cfg)  # the router loads: start-up goes on
+    registry = serving.registry_for_model(str(d))  # what the HTTP hook gives the middleware
+    assert registry.served_names() == EXPERTS + ["auto"]
+    assert registry.resolve_model("auto", {"messages": [{"role": "user", "content": "python"}]}) == "code"
+    (d / "router" / "weights.safetensors").write_bytes(b"junk")
+    with pytest.raises(RouterError, match="weights.safetensors"):
         compat.update_vllm_config(cfg)
-        assert serving.served_names() == EXPERTS + ["auto"]
-        assert serving.resolve_model("auto", {"messages": [{"role": "user", "content": "python"}]}) == "code"
-        serving.REGISTRY.experts = serving.REGISTRY.router = None
-        (d / "router" / "weights.safetensors").write_bytes(b"junk")
-        with pytest.raises(RouterError, match="weights.safetensors"):
-            compat.update_vllm_config(cfg)
-    finally:
-        serving.REGISTRY.experts, serving.REGISTRY.model_dir, serving.REGISTRY.router = saved
