@@ -30,13 +30,14 @@ module, and unit-testing its pure parts, needs no particular vLLM build.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import os
 import re
 import types
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -855,6 +856,13 @@ def _gpu_worker_cls() -> type:
                 return _v2_runner_cls()(self.vllm_config, self.device)
             return _v1_runner_cls("gpu")(self.vllm_config, self.device)
 
+        def compile_or_warm_up_model(self, *args, **kwargs):
+            # V2's JIT warm-up (kept under enforce_eager when fault tolerance is on) runs
+            # scheduler steps with requests vLLM makes itself: the model state admits those
+            # as expert 0 for this call only, as V1 does inside _dummy_run.
+            with v2_warm_up(getattr(self.model_runner, "model_state", None)):
+                return super().compile_or_warm_up_model(*args, **kwargs)
+
     ChannelMergedGPUWorker.__module__ = __name__
     return ChannelMergedGPUWorker
 
@@ -862,6 +870,20 @@ def _gpu_worker_cls() -> type:
 # ------------------------------------------------------------------------------------------
 # Model Runner V2 (GPU default)
 # ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def v2_warm_up(model_state: Any) -> Iterator[None]:
+    """Around the worker's start-up warm-up: a V2 channel-merged model state (None, or any
+    other object, for V1) gives vLLM's own warm-up requests expert 0."""
+    if not hasattr(model_state, "cm_slot_expert"):
+        yield
+        return
+    model_state.cm_warm_up = True
+    try:
+        yield
+    finally:
+        model_state.cm_warm_up = False
 
 
 def make_model_state_cls(base: type) -> type:
@@ -878,9 +900,17 @@ def make_model_state_cls(base: type) -> type:
             self.cm_token_buf = torch.zeros(self.max_num_tokens, dtype=torch.long, device=device)
             self.cm_req_buf = torch.zeros(self.max_num_reqs, dtype=torch.long, device=device)
 
+        cm_warm_up = False  # set by the worker around vLLM's own start-up warm-up only
+
         def add_request(self, req_index, new_req_data):
             super().add_request(req_index, new_req_data)
-            self.cm_slot_expert[req_index] = admitted_expert(new_req_data.sampling_params, self.cm_num_experts)
+            params = new_req_data.sampling_params
+            if self.cm_warm_up and EXPERT_INDEX_KEY not in (getattr(params, "extra_args", None) or {}):
+                # vLLM's kernel warm-up (before serving) schedules requests of its own that
+                # never pass admission: expert 0, as in every dummy run.
+                self.cm_slot_expert[req_index] = 0
+                return
+            self.cm_slot_expert[req_index] = admitted_expert(params, self.cm_num_experts)
 
         def prepare_inputs(self, input_batch, req_states):
             out = dict(super().prepare_inputs(input_batch, req_states) or {})

@@ -397,6 +397,35 @@ def test_v2_model_state_slots_and_padding():
         st.add_request(2, _new_req(None))
 
 
+def test_v2_warm_up_requests_get_expert_0_during_the_workers_warm_up_only(monkeypatch):
+    """vLLM's V2 kernel warm-up schedules requests of its own (never admitted): the model
+    state gives them expert 0 inside the worker's compile_or_warm_up_model, and refuses an
+    unadmitted request everywhere else."""
+    cls = compat.make_model_state_cls(_FakeDefaultModelState)
+    st = cls(None, types.SimpleNamespace(cm_config=CM), None, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="not admitted"):
+        st.add_request(0, _new_req(None))
+    with compat.v2_warm_up(st):
+        st.add_request(0, _new_req(None))
+        st.add_request(1, _new_req(2))  # an admitted one keeps its expert
+    assert st.cm_slot_expert[:2].tolist() == [0, 2]
+    with pytest.raises(RuntimeError, match="not admitted"):
+        st.add_request(0, _new_req(None))
+
+    pytest.importorskip("vllm")
+    from vllm.v1.worker.gpu_worker import Worker
+
+    seen = []
+    monkeypatch.setattr(Worker, "compile_or_warm_up_model",
+                        lambda self: seen.append(getattr(self.model_runner, "model_state", None)
+                                                 and self.model_runner.model_state.cm_warm_up) or "times")
+    w = object.__new__(compat._gpu_worker_cls())
+    w.model_runner = types.SimpleNamespace(model_state=st)
+    assert w.compile_or_warm_up_model() == "times" and seen == [True] and st.cm_warm_up is False
+    w.model_runner = types.SimpleNamespace()  # V1 runner: no model state, nothing to mark
+    assert w.compile_or_warm_up_model() == "times" and seen == [True, None]
+
+
 # --- expert norm loading ----------------------------------------------------------------------
 
 def test_expert_norm_is_loaded_and_checked():
