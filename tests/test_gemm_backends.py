@@ -34,6 +34,7 @@ class FakePacked(GemmFactory):
 
     def __init__(self):
         self.packed: list[tuple[int, ...]] = []
+        self.per_calls: list[tuple[int, ...]] = []  # weights of one call (gathers): never packed
         self.calls = 0
 
     def prepack(self, weight):
@@ -48,6 +49,10 @@ class FakePacked(GemmFactory):
         fn.path = "fake"
         fn.copies = True
         return fn
+
+    def per_call(self, weight):
+        self.per_calls.append(tuple(weight.shape))
+        return kk.torch_linear(weight)
 
 
 def make(n, k, out, inp, dtype, bias, gemm, seed=0, cache=None, uniform_expert=None):
@@ -115,10 +120,32 @@ def test_prepacked_once_at_load_and_used_by_the_strategies():
         channel_merged_linear(x, st, mixed, s)
         assert gemm.calls == before + 1, s  # one prepacked GEMM, residual rows plain
     assert sorted(gemm.packed) == [(16, 8), (32, 8)]  # nothing packed per call
-    # per-call gathers take the plain path: no pack, no call
+    # per-call gathers go through the backend's per-call GEMM: no pack, no prepacked call
     before = gemm.calls
     channel_merged_linear(x, st, mixed, "per_expert_gather")
     assert gemm.calls == before and len(gemm.packed) == 2
+
+
+def test_gathered_weights_go_through_the_per_call_gemm():
+    """Every GEMM on a weight that exists for one call (per-expert gathers, majority_residual's
+    residual rows, a hot-cache miss it does not keep) goes through ``GemmFactory.per_call``."""
+    gemm = FakePacked()
+    w, gi, b, st = make(4, 2, 16, 8, torch.float32, True, gemm)
+    x = torch.randn(5, 8)
+    ids = torch.tensor([0, 1, 2, 3, 1])
+    mixed = ExpertBatch.build(ids, 4)
+    ref = reference_linear(x, w, gi, ids, b)
+    torch.testing.assert_close(channel_merged_linear(x, st, mixed, "per_expert_gather"), ref)
+    gathered = [e for e in range(4) if st.uniform_offset[e] < 0]
+    assert gemm.per_calls == [(16, 8)] * len(gathered)
+    gemm.per_calls.clear()
+    torch.testing.assert_close(channel_merged_linear(x, st, mixed, "majority_residual"), ref)
+    assert gemm.per_calls == [(len(st.residual_rows[e]), 8) for e in mixed.experts if len(st.residual_rows[e])]
+    gemm.per_calls.clear()
+    full = HotExpertCache(0)  # admits nothing: every expert is a fresh gather
+    st2 = prepare_layer(w, gi, b, cache=full, gemm=gemm)
+    torch.testing.assert_close(channel_merged_linear(x, st2, mixed, "hot_cache"), ref)
+    assert gemm.per_calls == [(16, 8)] * len(gathered)
 
 
 def test_group_views_packed_lazily_and_shared_with_the_bias_free_state():
@@ -284,6 +311,30 @@ def test_vllm_cpu_gemm_outlives_its_dispatch_shell():
     fns[0](x, None, out=out[2:7])  # written in place, into a row slice
     torch.testing.assert_close(out[2:7], F.linear(x, w), **TOL[torch.float32])
     assert out[:2].abs().sum() == 0 and out[7:].abs().sum() == 0
+
+
+def test_vllm_cpu_gemm_per_call_path():
+    """Gathered weights through oneDNN's unpacked inner product where this torch runs it (from
+    ONEDNN_PER_CALL_MIN_TOKENS rows; F.linear below), equal to F.linear, into a row slice too."""
+    gemm = _vllm_factory()
+    from vllm_channelmerge import compat
+
+    dtypes = compat.onednn_per_call_dtypes()
+    w, bias = torch.randn(96, 64), torch.randn(96)
+    fn = gemm.per_call(w)
+    assert fn.path == ("oneDNN inner product (unpacked)" if torch.float32 in dtypes else "torch")
+    for rows in (3, compat.ONEDNN_PER_CALL_MIN_TOKENS, 40):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(fn(x, bias), F.linear(x, w, bias), **TOL[torch.float32])
+        out = torch.zeros(rows + 4, 96)
+        fn(x, None, out=out[2 : 2 + rows])
+        torch.testing.assert_close(out[2 : 2 + rows], F.linear(x, w), **TOL[torch.float32])
+        assert out[:2].abs().sum() == 0 and out[2 + rows :].abs().sum() == 0
+    xt = torch.randn(64, 40).t()  # not contiguous
+    torch.testing.assert_close(fn(xt), F.linear(xt, w), **TOL[torch.float32])
+    half = gemm.per_call(w.half())  # where oneDNN has no float16 primitive: F.linear
+    assert half.path == ("oneDNN inner product (unpacked)" if torch.float16 in dtypes else "torch")
+    assert gemm.per_call(w.to("meta")).path == "torch"
 
 
 def test_cpu_gemm_factory_env_and_log(monkeypatch, caplog):

@@ -105,19 +105,23 @@ class GemmFactory:
 
     This default is plain PyTorch (``F.linear``; ``prepack`` copies nothing). The vLLM adapter
     (:func:`vllm_channelmerge.compat.cpu_gemm_factory`) returns one that prepacks into vLLM's
-    own CPU GEMM (oneDNN). Weights that exist only for one call (a per-expert gather) always
-    take the plain path: packing them would cost more than it saves.
+    own CPU GEMM (oneDNN). Weights that exist only for one call (a per-expert gather) are never
+    packed (packing them would cost more than it saves): they go through ``per_call``, plain
+    ``F.linear`` here, oneDNN's unpacked inner product in the adapter where the host has it.
 
-    A prepacked GEMM carries ``fn.path`` (which kernel runs it) and ``fn.copies`` (whether it
-    holds its own copy of the weight: then the hot cache keeps only that copy).
-    ``packed_speedup``: how much faster a prepacked GEMM computes than ``F.linear`` on this
-    host (the cost rule weighs the strategies with it; 1 for the plain path).
+    A GEMM carries ``fn.path`` (which kernel runs it) and ``fn.copies`` (whether it holds its
+    own copy of the weight: then the hot cache keeps only that copy).
     """
 
     name = "torch"
-    packed_speedup = 1.0
 
     def prepack(self, weight: torch.Tensor) -> GemmFn:
+        return torch_linear(weight)
+
+    def per_call(self, weight: torch.Tensor) -> GemmFn:
+        """A GEMM on a weight that exists for one call only (a per-expert gather, the residual
+        rows of ``majority_residual``): never prepacked. Plain ``F.linear`` here; the vLLM
+        adapter may give a faster unpacked kernel where the host has one."""
         return torch_linear(weight)
 
     def cost_model(self, dtype: torch.dtype, device: torch.device | str | None = None) -> "CostModel":
@@ -674,7 +678,7 @@ class HotExpertCache:
 
     def get_gemm(self, state: LayerState, expert: int, admit: bool = True) -> tuple[GemmFn, Optional[torch.Tensor]]:
         """Expert's dense GEMM and bias: a cached copy's prepacked GEMM (hit), one group's
-        prepacked GEMM (an expert in one group), else the plain path on a fresh gather (miss),
+        prepacked GEMM (an expert in one group), else the per-call GEMM on a fresh gather (miss),
         which is kept and prepacked if ``admit`` and the budget allows."""
         fn, b, _ = self._lookup(state, expert, admit)
         return fn, b
@@ -697,7 +701,7 @@ class HotExpertCache:
             ent = self._admit(key, w, b, state.dense_bytes, state.gemm)
             if ent is not None:
                 return ent[3], ent[1], w
-        return torch_linear(w), b, w
+        return state.gemm.per_call(w), b, w
 
     def _admit(self, key: tuple[int, int], w: torch.Tensor, b: Optional[torch.Tensor], size: int,
                gemm: GemmFactory = TORCH_GEMM):
@@ -830,7 +834,7 @@ def per_expert_gather(x: torch.Tensor, state: LayerState, batch: ExpertBatch) ->
     """Gather each present expert's dense rows (precomputed flat indices); one GEMM per expert
     segment of the expert-sorted batch. Best for prefill. Does not touch the hot cache.
     An expert whose channels all sit in one group uses that group's prepacked GEMM; a gathered
-    weight exists for this call only and takes the plain path."""
+    weight exists for this call only and takes the factory's per-call GEMM."""
     return _per_expert(x, state, batch, use_cache=False)
 
 
@@ -858,7 +862,7 @@ def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cach
         if s >= 0:
             return state.slice_gemm(s), state.slice_bias(s)
         w, b, _ = state.expert_weight(e)
-        return torch_linear(w), b
+        return state.gemm.per_call(w), b
 
     if batch.num_present <= 1:
         if batch.num_present == 0:
@@ -887,7 +891,7 @@ def _per_expert(x: torch.Tensor, state: LayerState, batch: ExpertBatch, use_cach
 
 def majority_residual(x: torch.Tensor, state: LayerState, batch: ExpertBatch) -> torch.Tensor:
     """Dense GEMM with the primary rows (v1's group 0; prepacked) for every token, then per
-    expert only its other rows (gathered per call: the plain path).
+    expert only its other rows (gathered per call: the factory's ``per_call`` GEMM).
 
     Cost ~ (1 + residual fraction) dense layers when the groups are lopsided.
     """
@@ -902,7 +906,7 @@ def majority_residual(x: torch.Tensor, state: LayerState, batch: ExpertBatch) ->
             continue
         idx = state.residual_flat[e]
         xe = x2 if batch.num_present == 1 else x2.index_select(0, seg)
-        ye = F.linear(xe, wf.index_select(0, idx), None if bf is None else bf.index_select(0, idx))
+        ye = state.gemm.per_call(wf.index_select(0, idx))(xe, None if bf is None else bf.index_select(0, idx))
         if batch.num_present == 1:
             y.index_copy_(1, rows, ye)
         else:
