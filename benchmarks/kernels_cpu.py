@@ -77,9 +77,16 @@ NOTES = """
 - A one-expert batch reaches dense speed only from a dense copy (`hot_cache`, prepacked when
   admitted): the memory of one more model per cached expert, within the cache's byte budget.
   Without one, `per_expert_gather` pays one gather per layer.
-- Prefill is compute-bound: `per_expert_gather` does the dense FLOPs (plain `F.linear` on a
-  per-call gather) plus one gather per present expert; `all_groups` does K x the FLOPs, but on
-  the prepacked GEMM. Which wins depends on how much faster the prepacked GEMM is on the host.
+- Prefill is compute-bound: `per_expert_gather` does the dense FLOPs (on a per-call gather:
+  the backend's `per_call` GEMM, oneDNN's unpacked inner product from 16 rows where torch runs
+  it, else `F.linear`) plus one gather per present expert; `all_groups` does K x the FLOPs on
+  the prepacked GEMM.
+- AVX-512 + AVX512-BF16 host without AMX (AMD EPYC; 2026-12-06): torch's `F.linear` in
+  float32 is MKL, which takes a slower path on this CPU: 2.2-2.5x slower than oneDNN from
+  T=8 up. Before per-call GEMMs went through oneDNN, float32 prefill (`auto`, T=512) cost
+  35.5 ms per layer, 2.59x stock; after, 20.8-22.4 ms, 1.48-1.52x (same machine, runs of
+  the same day). Under `--isa avx2` on that host: prefill 39.7 -> 34.4-35.9 ms, one expert at
+  T=32 3.4 -> 3.0-3.3 ms, mixed decode within noise (-4% to +6%).
 - AVX2 hosts, emulated (`--isa avx2`, section below; two runs each, same machine, quiet):
   with oneDNN limited to AVX2, vLLM's prepacked GEMM is ~19% slower than `F.linear` at T=1,
   10–16% faster at T=8–32, and even at T=64 and in prefill. Against the kernels before the
