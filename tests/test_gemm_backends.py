@@ -118,7 +118,7 @@ def test_prepacked_once_at_load_and_used_by_the_strategies():
     for s in ("all_groups", "majority_residual"):
         before = gemm.calls
         channel_merged_linear(x, st, mixed, s)
-        assert gemm.calls == before + 1, s  # one prepacked GEMM, residual rows plain
+        assert gemm.calls == before + 1, s  # one prepacked GEMM, residual rows per call
     assert sorted(gemm.packed) == [(16, 8), (32, 8)]  # nothing packed per call
     # per-call gathers go through the backend's per-call GEMM: no pack, no prepacked call
     before = gemm.calls

@@ -403,7 +403,7 @@ class VllmCpuGemm(kernels.GemmFactory):
         """Per-call weights (gathers) through oneDNN's unpacked inner product where this torch
         runs it for the dtype (:func:`onednn_per_call_dtypes`), else ``F.linear``. On AVX-512
         hosts whose BLAS takes a slower path (MKL on AMD CPUs, float32) this is 1.5-2.3x faster
-        than ``F.linear`` from 4 tokens up; elsewhere it matches it."""
+        than ``F.linear`` (used from ``ONEDNN_PER_CALL_MIN_TOKENS`` rows); elsewhere it matches it."""
         if weight.device.type == "cpu" and weight.dtype in onednn_per_call_dtypes():
             return onednn_linear(weight)
         return kernels.torch_linear(weight)
@@ -463,35 +463,30 @@ class VllmCpuGemm(kernels.GemmFactory):
         return fn
 
 
-_PER_CALL_DTYPES: Optional[frozenset] = None
-
-
+@functools.lru_cache(maxsize=None)
 def onednn_per_call_dtypes() -> frozenset:
     """The dtypes torch's oneDNN inner product (``torch.ops.mkldnn._linear_pointwise``, the op
     torch's own CPU compiler emits for linears) runs on this host, found once by a tiny call
     checked against ``F.linear``: float32 on every x86 host oneDNN supports, bfloat16 / float16
     where the CPU has them (elsewhere oneDNN refuses to build the primitive)."""
-    global _PER_CALL_DTYPES
-    if _PER_CALL_DTYPES is None:
-        ok = []
-        op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-        if op is not None and torch.backends.mkldnn.is_available():
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
-                g = torch.Generator().manual_seed(0)
-                x, w, b = (torch.randn(*s, generator=g).to(dt) for s in ((3, 16), (8, 16), (8,)))
-                try:
-                    y = op(x, w, b, "none", [], "")
-                except RuntimeError:
-                    continue
-                want = torch.nn.functional.linear(x.float(), w.float(), b.float())
-                tol = 1e-4 if dt == torch.float32 else 3e-2
-                if torch.allclose(y.float(), want, rtol=tol, atol=tol * 4):
-                    ok.append(dt)
-        _PER_CALL_DTYPES = frozenset(ok)
-        startup_log.info("channelmerge: per-call GEMMs (gathered weights) through oneDNN's inner product "
-                         "for %s; F.linear otherwise",
-                         ", ".join(str(d).replace("torch.", "") for d in ok) or "no dtype")
-    return _PER_CALL_DTYPES
+    ok = []
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is not None and torch.backends.mkldnn.is_available():
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            g = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(*s, generator=g).to(dt) for s in ((3, 16), (8, 16), (8,)))
+            try:
+                y = op(x, w, b, "none", [], "")
+            except RuntimeError:  # no primitive for this dtype on this CPU: F.linear (logged below)
+                continue
+            want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+            tol = 1e-4 if dt == torch.float32 else 3e-2
+            if torch.allclose(y.float(), want, rtol=tol, atol=tol * 4):
+                ok.append(dt)
+    startup_log.info("channelmerge: per-call GEMMs (gathered weights) through oneDNN's inner product "
+                     "for %s; F.linear otherwise",
+                     ", ".join(str(d).replace("torch.", "") for d in ok) or "no dtype")
+    return frozenset(ok)
 
 
 # Fewer rows than this go through F.linear even where oneDNN's inner product is faster: its
