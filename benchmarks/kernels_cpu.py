@@ -138,8 +138,8 @@ def write_sections(path: Path, header: str, kind: str, body: str) -> None:
 def host_line() -> str:
     flags = kk.cpu_flags()
     on = " ".join(k for k, v in flags.items() if v) or "none"
-    return (f"{kk.host_kind(flags)}; CPU flags: {on}; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores")
+    cpu = kk.cpuinfo_field("model name") or platform.processor() or platform.machine()
+    return f"{kk.host_kind(flags)}; CPU flags: {on}; {cpu}, {os.cpu_count()} cores"
 
 
 # What ``--isa`` limits: the environment each library reads at initialisation.
@@ -213,8 +213,9 @@ def bench_interleaved(fns: dict, reps: int, clock=time.perf_counter) -> dict:
 COLS = ["dense", "vllm"] + STRATS + ["auto F.linear"]
 
 
-def run_dtype(dtype: torch.dtype, args, gemm) -> tuple[list, float, list[str]]:
-    """One table: rows (T, kind, {column: us}, auto picks), mean residual fraction, GEMM paths."""
+def run_dtype(dtype: torch.dtype, args, gemm) -> tuple[list, float, list[str], str]:
+    """One table: rows (T, kind, {column: us}, auto picks), mean residual fraction, GEMM paths
+    and the cost rule."""
     gen = torch.Generator().manual_seed(0)
     tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
     plugin = gemm or kk.TORCH_GEMM
@@ -270,7 +271,7 @@ def run_dtype(dtype: torch.dtype, args, gemm) -> tuple[list, float, list[str]]:
         picks = sorted({choose_strategy(batch, lay[n][3]) for lay in layers for n in SHAPES})
         lines.append((t, kind, res, ",".join(picks)))
         print(f"# {dtype} T={t} {kind}: " + ", ".join(f"{k} {v:.0f}" for k, v in res.items()), file=sys.stderr)
-    return lines, resid, paths
+    return lines, resid, paths, layers[0]["qkv"][3].cost_model.summary()
 
 
 def table(lines: list) -> tuple[str, str]:
@@ -314,13 +315,13 @@ def main() -> None:
            f"Command: `nice -n 10 .venv/bin/python benchmarks/kernels_cpu.py {' '.join(sys.argv[1:])}`  ",
            f"Plugin GEMM backend: {gemm.name if gemm else 'torch F.linear (vLLM not importable)'}.", ""]
     for dt in dtypes:
-        lines, resid, paths = run_dtype(getattr(torch, dt), args, gemm)
+        lines, resid, paths, cost = run_dtype(getattr(torch, dt), args, gemm)
         tab, note = table(lines)
         meta = (f"Microseconds ({'thread CPU time' if args.threads == 1 else 'wall clock'}) per decoder layer "
                 f"(4 linears), best of {args.reps} interleaved runs (prefill: {max(3, args.reps // 4)}); {dt}; "
                 f"N={N}, K={K}; mean residual fraction {resid:.2f}; {args.layers} distinct layers in turn; "
                 + ("" if args.split is None else f"row tables storing {1 + args.split:.2f}x the dense rows (expected); ")
-                + f"prepacked GEMMs: {', '.join(paths)}.")
+                + f"prepacked GEMMs: {', '.join(paths)}; `auto`'s cost rule ({cost}).")
         print(f"### {dt}\n\n{meta}\n\n{tab}\n\n{note}\n")
         out += [f"### {dt}", "", meta, "", tab, "", note, ""]
     if args.write:

@@ -354,6 +354,7 @@ class _EmbeddingMethodMixin(_MethodMixin):
 # ------------------------------------------------------------------------------------------
 
 CPU_GEMM_ENV = "CHANNELMERGE_CPU_GEMM"  # auto (default): vLLM's CPU GEMM; torch: plain F.linear
+COST_MODEL_ENV = "CHANNELMERGE_COST_MODEL"  # measure (default): timed at start-up; table: by CPU flags
 
 # What vLLM's `dispatch_cpu_unquantized_gemm` installs as `layer.cpu_linear`, by the op it calls.
 _DISPATCH_PATHS = (("onednn_mm", "oneDNN onednn_mm"), ("weight_packed_linear_cpu", "sgl-kernel weight_packed_linear"),
@@ -392,6 +393,7 @@ class VllmCpuGemm(kernels.GemmFactory):
     ``F.linear`` where it has none (each weight gets what vLLM would give it)."""
 
     name = "vLLM CPU dispatch"
+    _measured: dict[torch.dtype, kernels.CostModel] = {}  # cost rule per dtype, once per process (costfit)
 
     def __init__(self) -> None:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
@@ -409,9 +411,24 @@ class VllmCpuGemm(kernels.GemmFactory):
         return kernels.torch_linear(weight)
 
     def cost_model(self, dtype: torch.dtype, device: Any = None) -> kernels.CostModel:
+        """CPU: the constants measured on this host with these GEMMs, once per dtype
+        (:mod:`~vllm_channelmerge.costfit`), or the flag-keyed table with
+        ``CHANNELMERGE_COST_MODEL=table``."""
         if device is not None and torch.device(device).type != "cpu":
             return kernels.CostModel.for_device(device)
-        return kernels.prepacked_cpu_cost(dtype)
+        choice = (os.environ.get(COST_MODEL_ENV, "") or "measure").strip().lower()
+        if choice not in ("measure", "table"):
+            raise ValueError(f"{COST_MODEL_ENV}={choice!r}; expected measure or table")
+        if choice == "table":
+            return kernels.prepacked_cpu_cost(dtype)
+        got = self._measured.get(dtype)
+        if got is None:
+            from . import costfit
+
+            counted = dict(self.paths)  # the timing pool is not the model's: keep the log's counts
+            got = self._measured[dtype] = costfit.measured_cost(self, dtype)
+            self.paths = counted
+        return got
 
     def describe(self) -> str:
         got = ", ".join(f"{k} x{n}" for k, n in sorted(self.paths.items())) or "nothing packed yet"

@@ -159,18 +159,35 @@ def cpu_flags() -> dict[str, bool]:
     return {k: k in found for k in CPU_FLAGS}
 
 
-def host_kind(flags: Optional[dict[str, bool]] = None) -> str:
-    """``AVX-512 + AVX512-BF16 + AMX``, ``AVX-512``, ``AVX2`` or ``no AVX2``: the kind of CPU a
-    speed figure comes from (results of different kinds are kept apart)."""
+def cpuinfo_field(name: str) -> str:
+    """The first ``name : value`` of ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or ``""``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def host_kind(flags: Optional[dict[str, bool]] = None, vendor: Optional[str] = None) -> str:
+    """``AVX-512 + AVX512-BF16 + AMX``, ``AVX-512``, ``AVX2`` or ``no AVX2``, with `` (AMD)`` on
+    AMD CPUs: the kind of CPU a speed figure comes from (results of different kinds are kept
+    apart). The vendor counts because torch's float32 ``F.linear`` is MKL, which takes a slower
+    path on AMD CPUs (2.2-2.5x slower than oneDNN on an AVX-512 EPYC; on Intel they match)."""
     f = flags if flags is not None else cpu_flags()
+    v = vendor if vendor is not None else cpuinfo_field("vendor_id")
     if f.get("avx512f"):
         kind = "AVX-512"
         if f.get("avx512_bf16"):
             kind += " + AVX512-BF16"
         if f.get("amx_bf16") or f.get("amx_tile"):
             kind += " + AMX"
-        return kind
-    return "AVX2" if f.get("avx2") else "no AVX2"
+    else:
+        kind = "AVX2" if f.get("avx2") else "no AVX2"
+    return kind + (" (AMD)" if v == "AuthenticAMD" else "")
 
 
 def cpu_isa_summary() -> str:
@@ -953,7 +970,9 @@ class CostModel:
     ``packed``: cost of a GEMM on a prepacked weight (the all-groups and group weights, hot-cache
     copies: :class:`GemmFactory`) relative to the plain ``F.linear`` a per-call gather gets; 1
     where both are the same kernel (the plain factory, AVX2 hosts), below 1 where vLLM's
-    prepacked CPU GEMM is faster (see :func:`prepacked_cpu_cost`).
+    prepacked CPU GEMM is faster (see :func:`prepacked_cpu_cost`); ``packed_per_token``: its own
+    slope where measured (:meth:`packed_gemm`). ``source``: ``table`` or ``measured``
+    (:mod:`~vllm_channelmerge.costfit`, the vLLM backend's default on CPU).
     ``select`` / ``scatter``: cost of picking one output element of ``all_groups`` (per group
     beyond the first, with masks) / writing one residual element of ``majority_residual``, in
     units of one weight element's pass (0: not modelled, as in the AVX2 calibration); they weigh
@@ -973,6 +992,23 @@ class CostModel:
     select_gather: float = 0.0
     select_copy: float = 0.0
     select_residual: float = 0.0
+    packed_per_token: Optional[float] = None
+    source: str = "table"
+
+    def packed_gemm(self, n: int) -> float:
+        """A prepacked GEMM of ``n`` tokens: ``packed * (1 + flop_per_token * n)``, or
+        ``packed + packed_per_token * n`` where the slope was measured on its own
+        (:mod:`~vllm_channelmerge.costfit`: where the prepacked kernel computes faster or
+        slower per token than the per-call one)."""
+        if self.packed_per_token is None:
+            return self.packed * (1.0 + self.flop_per_token * n)
+        return self.packed + self.packed_per_token * n
+
+    def summary(self) -> str:
+        """One line for logs and benchmark tables."""
+        slope = self.packed * self.flop_per_token if self.packed_per_token is None else self.packed_per_token
+        return (f"{self.source}: +{self.flop_per_token:.4f} a token; prepacked {self.packed:.2f}x a pass, "
+                f"+{slope:.4f} a token; a gather {self.gather:.2f} passes")
 
     @classmethod
     def for_device(cls, device: torch.device | str | None) -> "CostModel":
@@ -1029,8 +1065,9 @@ def strategy_costs(
 ) -> dict[str, float]:
     """Estimated cost of each applicable strategy (see :class:`CostModel` for the units).
 
-    dense(t)          = 1 + a*t                            (a = flop_per_token, L = launch)
-    packed(t)         = p * dense(t)                       (p = packed: a prepacked weight)
+    dense(t)          = 1 + a*t      (the per-call GEMM; a = flop_per_token, L = launch)
+    packed(t)         = p * dense(t), or p + a_p*t          (p = packed: a prepacked weight;
+                                                            a_p = packed_per_token, measured)
     all_groups        = K * packed(T) + L + (K - 1) * select * T / in   (K = rows / out; masks)
                         K * packed(T) + L + select_gather * T / in       (an int64 gather)
                         K * packed(T) + L + (select_copy * T + select_residual * sum_e r_e * t_e) / in
@@ -1041,7 +1078,7 @@ def strategy_costs(
                         (experts with r_e > 0)
     """
     cost = cost or state.cost_model
-    a, k, t, p = cost.flop_per_token, state.row_ratio, batch.num_tokens, cost.packed
+    a, k, t = cost.flop_per_token, state.row_ratio, batch.num_tokens
     lc = cost.launch(state)
     per_in = 1.0 / max(1, state.in_features)
 
@@ -1049,11 +1086,12 @@ def strategy_costs(
         return 1.0 + a * n
 
     select = (k - 1) * cost.select * t * per_in if state.lerp_select else row_select(batch, state, cost)[1]
-    costs: dict[str, float] = {"all_groups": k * p * d(t) + lc + select}
+    pk = cost.packed_gemm
+    costs: dict[str, float] = {"all_groups": k * pk(t) + lc + select}
     pe = hc = mr = 0.0
     for e, n in zip(batch.experts, batch.counts):
         plain = cost.gather + d(n) + lc
-        packed = p * d(n) + lc
+        packed = pk(n) + lc
         uni = state.uniform_offset[e] >= 0
         pe += packed if uni else plain
         cached = uni or (state.cache is not None and state.cache.contains(state, e))
@@ -1064,7 +1102,7 @@ def strategy_costs(
     if state.cache is not None:  # before per_expert_gather: on a tie it also keeps the copies
         costs["hot_cache"] = hc
     costs["per_expert_gather"] = pe
-    costs["majority_residual"] = p * d(t) + lc + mr
+    costs["majority_residual"] = pk(t) + lc + mr
     return costs
 
 
