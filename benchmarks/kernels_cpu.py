@@ -87,6 +87,10 @@ NOTES = """
   35.5 ms per layer, 2.59x stock; after, 20.8-22.4 ms, 1.48-1.52x (same machine, runs of
   the same day). Under `--isa avx2` on that host: prefill 39.7 -> 34.4-35.9 ms, one expert at
   T=32 3.4 -> 3.0-3.3 ms, mixed decode within noise (-4% to +6%).
+- AVX-512 + AVX512-BF16 host without AMX (Intel Xeon; 2026-12-07): `F.linear`, oneDNN and
+  vLLM's prepacked GEMM run float32 at the same speed; bfloat16 costs more per token than
+  float32 (no AMX: prefill T=512 44-50 ms per layer against 27-30 ms), so bf16 saves bytes in
+  decode but not compute in prefill. This VM's timings move 10-20% between runs.
 - AVX2 hosts, emulated (`--isa avx2`, section below; two runs each, same machine, quiet):
   with oneDNN limited to AVX2, vLLM's prepacked GEMM is ~19% slower than `F.linear` at T=1,
   10–16% faster at T=8–32, and even at T=64 and in prefill. Against the kernels before the
@@ -94,8 +98,12 @@ NOTES = """
   for mixed decode at T=1 and 4–8% slower at T=64, 18–21% faster at T=8, 2–3% faster at T=32
   and 8–11% faster in prefill; one-expert T=32 moved +11% / −14% between runs (noise). So on
   an AVX2 host, concurrency-1 decode is the one place the prepacked path costs time.
-- `auto` follows `choose_strategy`'s cost model (`kernels.CostModel`; on AVX-512 hosts the
-  constants of `kernels.prepacked_cpu_cost`, by dtype).
+- `auto` follows `choose_strategy`'s cost model (`kernels.CostModel`). With vLLM's backend its
+  constants are timed on the host at load (`vllm_channelmerge/costfit.py`, printed above each
+  table); rows before 2026-12-07 used the table keyed by CPU flags (`kernels.prepacked_cpu_cost`,
+  still `CHANNELMERGE_COST_MODEL=table`). On the Intel AVX512-BF16 host without AMX the table
+  (calibrated with AMX, where bf16 compute is ~10x cheaper per token) made bf16 prefill take
+  `all_groups`: 99.2 ms per layer against 57.4 ms with the measured rule (stock 44-45 ms).
 """
 
 HEADER = "\n".join([
