@@ -1,10 +1,10 @@
 """The cost rule's constants measured on the host (``vllm_channelmerge.costfit``): the fit from
-timings, what it changes in the rule's choices, and how the vLLM backend uses it."""
+timings, what it changes in the rule's choices, and the measurement itself (how vLLM's backend
+uses it: tests/test_gemm_backends.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
@@ -79,68 +79,3 @@ def test_measure_times_the_backends_own_gemms():
     assert gemm.prepacked == gemm.per_calls >= 2  # every pool weight through both GEMMs
     assert t.big == 16 and t.weight_bytes == 64 * 32 * 4
     assert all(v > 0 for v in dataclasses.astuple(t)[:5])
-
-
-def _vllm_factory():
-    try:
-        from vllm_channelmerge import compat
-
-        f = compat.cpu_gemm_factory()
-    except Exception as e:  # noqa: BLE001  vLLM missing or not a CPU build
-        pytest.skip(f"vLLM's CPU GEMM is not available here: {type(e).__name__}: {e}")
-    if f is kk.TORCH_GEMM:
-        pytest.skip("vLLM's CPU GEMM dispatch is not in use on this platform")
-    return f
-
-
-def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog):
-    gemm = _vllm_factory()
-    from vllm_channelmerge import compat
-
-    calls = []
-
-    def fake_measure(g, dtype):
-        calls.append(dtype)
-        return SLOW_BF16
-
-    monkeypatch.setattr(costfit, "measure", fake_measure)
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
-    monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
-    with caplog.at_level(logging.INFO, logger="vllm.channelmerge"):
-        c = gemm.cost_model(torch.bfloat16)
-        assert compat.cpu_gemm_factory().cost_model(torch.bfloat16) is c  # once per process
-    assert calls == [torch.bfloat16] and c.source == "measured" and c.packed == pytest.approx(0.67)
-    assert "cost rule for bfloat16 timed on this CPU" in caplog.text
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(2, 8, 4, generator=gen).to(torch.bfloat16)
-    assert prepare_layer(w, make_group_index(4, 2, 8, gen), gemm=gemm).cost_model is c  # layers use it
-    assert gemm.cost_model(torch.float32, "cuda") is kk.CUDA_COST  # CUDA: never timed here
-
-
-def test_vllm_backend_cost_model_env(monkeypatch):
-    gemm = _vllm_factory()
-    from vllm_channelmerge import compat
-
-    monkeypatch.setattr(costfit, "measure", lambda *a: pytest.fail("the table must not time anything"))
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
-    monkeypatch.setenv(compat.COST_MODEL_ENV, "table")
-    assert gemm.cost_model(torch.float32) is kk.prepacked_cpu_cost(torch.float32)
-    monkeypatch.setenv(compat.COST_MODEL_ENV, "guess")
-    with pytest.raises(ValueError, match="CHANNELMERGE_COST_MODEL='guess'; expected measure or table"):
-        gemm.cost_model(torch.float32)
-
-
-def test_vllm_backend_measures_this_host_for_real(monkeypatch):
-    """One real measurement: every constant finite and positive, the log counts untouched."""
-    gemm = _vllm_factory()
-    from vllm_channelmerge import compat
-
-    monkeypatch.setattr(costfit, "SHAPE", (256, 128))
-    monkeypatch.setattr(costfit, "BIG", 32)
-    monkeypatch.setattr(costfit, "POOL_BYTES", 1 << 20)
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
-    monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
-    before = dict(gemm.paths)
-    c = gemm.cost_model(torch.float32)
-    assert c.source == "measured" and gemm.paths == before
-    assert c.packed > 0 and c.gather > 0 and c.flop_per_token >= 0 and c.packed_per_token >= 0

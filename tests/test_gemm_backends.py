@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.kernels_cpu import group_index as make_group_index
+from vllm_channelmerge import costfit
 from vllm_channelmerge import kernels as kk
 from vllm_channelmerge.kernels import (
     ExpertBatch,
@@ -403,3 +404,61 @@ def test_all_groups_shared_buffer_does_not_leak_between_layers():
     yb = channel_merged_linear(x, b[3], batch, "all_groups")
     torch.testing.assert_close(ya, reference_linear(x, a[0], a[1], ids, a[2]))
     torch.testing.assert_close(yb, reference_linear(x, b[0], b[1], ids, b[2]))
+
+
+# A host where bf16 compute is slow (no AMX); see tests/test_costfit.py
+SLOW_BF16_TIMINGS = costfit.Timings(per_call_1=1000.0, per_call_big=1000.0 + 85.0 * 256, packed_1=670.0,
+                                     packed_big=670.0 + 81.0 * 256, gather=1200.0, big=256, weight_bytes=4 << 20)
+
+
+def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog):
+    gemm = _vllm_factory()
+    from vllm_channelmerge import compat
+
+    calls = []
+
+    def fake_measure(g, dtype):
+        calls.append(dtype)
+        return SLOW_BF16_TIMINGS
+
+    monkeypatch.setattr(costfit, "measure", fake_measure)
+    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
+    monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="vllm.channelmerge"):
+        c = gemm.cost_model(torch.bfloat16)
+        assert compat.cpu_gemm_factory().cost_model(torch.bfloat16) is c  # once per process
+    assert calls == [torch.bfloat16] and c.source == "measured" and c.packed == pytest.approx(0.67)
+    assert "cost rule for bfloat16 timed on this CPU" in caplog.text
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 8, 4, generator=gen).to(torch.bfloat16)
+    assert prepare_layer(w, make_group_index(4, 2, 8, gen), gemm=gemm).cost_model is c  # layers use it
+    assert gemm.cost_model(torch.float32, "cuda") is kk.CUDA_COST  # CUDA: never timed here
+
+
+def test_vllm_backend_cost_model_env(monkeypatch):
+    gemm = _vllm_factory()
+    from vllm_channelmerge import compat
+
+    monkeypatch.setattr(costfit, "measure", lambda *a: pytest.fail("the table must not time anything"))
+    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
+    monkeypatch.setenv(compat.COST_MODEL_ENV, "table")
+    assert gemm.cost_model(torch.float32) is kk.prepacked_cpu_cost(torch.float32)
+    monkeypatch.setenv(compat.COST_MODEL_ENV, "guess")
+    with pytest.raises(ValueError, match="CHANNELMERGE_COST_MODEL='guess'; expected measure or table"):
+        gemm.cost_model(torch.float32)
+
+
+def test_vllm_backend_measures_this_host_for_real(monkeypatch):
+    """One real measurement: every constant finite and positive, the log counts untouched."""
+    gemm = _vllm_factory()
+    from vllm_channelmerge import compat
+
+    monkeypatch.setattr(costfit, "SHAPE", (256, 128))
+    monkeypatch.setattr(costfit, "BIG", 32)
+    monkeypatch.setattr(costfit, "POOL_BYTES", 1 << 20)
+    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
+    monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
+    before = dict(gemm.paths)
+    c = gemm.cost_model(torch.float32)
+    assert c.source == "measured" and gemm.paths == before
+    assert c.packed > 0 and c.gather > 0 and c.flop_per_token >= 0 and c.packed_per_token >= 0
