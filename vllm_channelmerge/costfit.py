@@ -9,7 +9,7 @@ the slowest strategy for bf16 prefill on both non-AMX hosts (1.5-1.7x the best).
 vLLM backend times the few quantities :class:`~vllm_channelmerge.kernels.CostModel` is made
 of, with its own GEMMs, on a pool of weights larger than the caches (decode streams weights
 from memory): a pass of the per-call GEMM at 1 token (the unit) and at ``BIG`` tokens, the
-same for the prepacked GEMM, and one gather. About 0.2-1 s per dtype.
+same for the prepacked GEMM, and one gather: about 1 s per dtype on 2 cores.
 
 The strategies compute the same result; the measurement only decides which one runs (noise
 can cost speed, never correctness). ``CHANNELMERGE_COST_MODEL=table`` uses the flag-keyed
