@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vllm_channelmerge import kernels as kk  # noqa: E402
+from vllm_channelmerge import costfit  # noqa: E402
 from vllm_channelmerge.kernels import (  # noqa: E402
     ExpertBatch,
     HotExpertCache,
@@ -203,19 +204,10 @@ def vllm_gemm():
 
 
 def bench_interleaved(fns: dict, reps: int, clock=time.perf_counter) -> dict:
-    """Best-of-reps microseconds per function, run round-robin so that load from other
-    processes on a shared machine hits every column alike (the minimum is the least noisy).
-    With one torch thread the clock is this thread's CPU time, which does not count the time
-    the OS gives to other processes."""
-    for fn in fns.values():
-        fn()
-    best = {k: float("inf") for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = clock()
-            fn()
-            best[k] = min(best[k], clock() - t0)
-    return {k: v * 1e6 for k, v in best.items()}
+    """Best-of-reps microseconds per function, round-robin (the timer the cost rule's start-up
+    measurement uses). With one torch thread the clock is this thread's CPU time, which does
+    not count the time the OS gives to other processes."""
+    return costfit.interleaved_best_us(fns, reps, clock)
 
 
 COLS = ["dense", "vllm"] + STRATS + ["auto F.linear"]

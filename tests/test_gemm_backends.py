@@ -406,12 +406,22 @@ def test_all_groups_shared_buffer_does_not_leak_between_layers():
     torch.testing.assert_close(yb, reference_linear(x, b[0], b[1], ids, b[2]))
 
 
+@pytest.fixture
+def fresh_cost_cache():
+    """The per-process measured cost rule, emptied before and after (a fake must not leak)."""
+    from vllm_channelmerge import compat
+
+    compat.measured_cpu_cost.cache_clear()
+    yield
+    compat.measured_cpu_cost.cache_clear()
+
+
 # A host where bf16 compute is slow (no AMX); see tests/test_costfit.py
 SLOW_BF16_TIMINGS = costfit.Timings(per_call_1=1000.0, per_call_big=1000.0 + 85.0 * 256, packed_1=670.0,
                                      packed_big=670.0 + 81.0 * 256, gather=1200.0, big=256, weight_bytes=4 << 20)
 
 
-def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog):
+def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog, fresh_cost_cache):
     gemm = _vllm_factory()
     from vllm_channelmerge import compat
 
@@ -422,7 +432,6 @@ def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog):
         return SLOW_BF16_TIMINGS
 
     monkeypatch.setattr(costfit, "measure", fake_measure)
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
     monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
     with caplog.at_level(logging.INFO, logger="vllm.channelmerge"):
         c = gemm.cost_model(torch.bfloat16)
@@ -435,12 +444,11 @@ def test_vllm_backend_measures_once_per_dtype_and_logs(monkeypatch, caplog):
     assert gemm.cost_model(torch.float32, "cuda") is kk.CUDA_COST  # CUDA: never timed here
 
 
-def test_vllm_backend_cost_model_env(monkeypatch):
+def test_vllm_backend_cost_model_env(monkeypatch, fresh_cost_cache):
     gemm = _vllm_factory()
     from vllm_channelmerge import compat
 
     monkeypatch.setattr(costfit, "measure", lambda *a: pytest.fail("the table must not time anything"))
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
     monkeypatch.setenv(compat.COST_MODEL_ENV, "table")
     assert gemm.cost_model(torch.float32) is kk.prepacked_cpu_cost(torch.float32)
     monkeypatch.setenv(compat.COST_MODEL_ENV, "guess")
@@ -448,7 +456,7 @@ def test_vllm_backend_cost_model_env(monkeypatch):
         gemm.cost_model(torch.float32)
 
 
-def test_vllm_backend_measures_this_host_for_real(monkeypatch):
+def test_vllm_backend_measures_this_host_for_real(monkeypatch, fresh_cost_cache):
     """One real measurement: every constant finite and positive, the log counts untouched."""
     gemm = _vllm_factory()
     from vllm_channelmerge import compat
@@ -456,7 +464,6 @@ def test_vllm_backend_measures_this_host_for_real(monkeypatch):
     monkeypatch.setattr(costfit, "SHAPE", (256, 128))
     monkeypatch.setattr(costfit, "BIG", 32)
     monkeypatch.setattr(costfit, "POOL_BYTES", 1 << 20)
-    monkeypatch.setattr(compat.VllmCpuGemm, "_measured", {})
     monkeypatch.delenv(compat.COST_MODEL_ENV, raising=False)
     before = dict(gemm.paths)
     c = gemm.cost_model(torch.float32)

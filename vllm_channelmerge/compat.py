@@ -393,7 +393,6 @@ class VllmCpuGemm(kernels.GemmFactory):
     ``F.linear`` where it has none (each weight gets what vLLM would give it)."""
 
     name = "vLLM CPU dispatch"
-    _measured: dict[torch.dtype, kernels.CostModel] = {}  # cost rule per dtype, once per process (costfit)
 
     def __init__(self) -> None:
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
@@ -421,14 +420,7 @@ class VllmCpuGemm(kernels.GemmFactory):
             raise ValueError(f"{COST_MODEL_ENV}={choice!r}; expected measure or table")
         if choice == "table":
             return kernels.prepacked_cpu_cost(dtype)
-        got = self._measured.get(dtype)
-        if got is None:
-            from . import costfit
-
-            counted = dict(self.paths)  # the timing pool is not the model's: keep the log's counts
-            got = self._measured[dtype] = costfit.measured_cost(self, dtype)
-            self.paths = counted
-        return got
+        return measured_cpu_cost(dtype)
 
     def describe(self) -> str:
         got = ", ".join(f"{k} x{n}" for k, n in sorted(self.paths.items())) or "nothing packed yet"
@@ -478,6 +470,15 @@ class VllmCpuGemm(kernels.GemmFactory):
         # vLLM's handler frees the oneDNN primitive when it is collected: keep it alive
         fn.kernel = cpu_linear  # type: ignore[attr-defined]
         return fn
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_cost(dtype: torch.dtype) -> kernels.CostModel:
+    """The cost rule timed on this CPU for ``dtype``, once per process, with a factory of its
+    own (the timing pool's weights do not count in the engine's start-up log)."""
+    from . import costfit
+
+    return costfit.measured_cost(VllmCpuGemm(), dtype)
 
 
 @functools.lru_cache(maxsize=None)

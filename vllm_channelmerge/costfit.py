@@ -46,14 +46,13 @@ class Timings:
     packed_1: float  # the prepacked GEMM, 1 token
     packed_big: float  # the same at ``big`` tokens
     gather: float  # ``index_select`` of the dense rows out of ``[2 * out, in]``
-    big: int = BIG
-    weight_bytes: int = 0
+    big: int  # tokens of the large batch
+    weight_bytes: int  # bytes of one dense weight
 
 
 def fit(t: Timings, base: kernels.CostModel) -> kernels.CostModel:
     """The constants from the timings; launch and select costs stay ``base``'s."""
-    vals = dataclasses.astuple(t)[:5]
-    if not all(v > 0 and v == v and v != float("inf") for v in vals):
+    if not all(0 < v < float("inf") for v in dataclasses.astuple(t)[:5]):
         raise ValueError(f"cost measurement gave unusable timings: {t}")
     unit = t.per_call_1
     return dataclasses.replace(
@@ -62,24 +61,24 @@ def fit(t: Timings, base: kernels.CostModel) -> kernels.CostModel:
         packed=t.packed_1 / unit,
         packed_per_token=max(0.0, (t.packed_big - t.packed_1) / unit / t.big),
         gather=t.gather / unit,
-        bytes_per_us=t.weight_bytes / unit if t.weight_bytes else base.bytes_per_us,
+        bytes_per_us=t.weight_bytes / unit,
         source="measured",
     )
 
 
-def _best_us(fns: dict[str, tuple[Callable[[], object], int]], reps: int) -> dict[str, float]:
-    """Best-of-``reps`` microseconds per weight of each ``(fn, weights it runs)``, run round-robin
-    so that a load from elsewhere hits every quantity alike."""
-    best = {}
-    for k, (fn, _) in fns.items():
+def interleaved_best_us(fns: dict[str, Callable[[], object]], reps: int,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best-of-``reps`` microseconds of each function, run round-robin so that a load from other
+    processes on a shared machine hits every one alike (the minimum is the least noisy)."""
+    for fn in fns.values():
         fn()  # warm (first-call set-up, page faults)
-        best[k] = float("inf")
+    best = {k: float("inf") for k in fns}
     for _ in range(reps):
-        for k, (fn, _) in fns.items():
-            t0 = time.perf_counter()
+        for k, fn in fns.items():
+            t0 = clock()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: best[k] * 1e6 / n for k, (_, n) in fns.items()}
+            best[k] = min(best[k], clock() - t0)
+    return {k: v * 1e6 for k, v in best.items()}
 
 
 def measure(gemm: kernels.GemmFactory, dtype: torch.dtype, shape: Optional[tuple[int, int]] = None,
@@ -106,14 +105,15 @@ def measure(gemm: kernels.GemmFactory, dtype: torch.dtype, shape: Optional[tuple
                 arg(f)
         return run
 
-    us = _best_us({
-        "per_call_1": (each(per_call, lambda f: f(x1)), n),
-        "packed_1": (each(packed, lambda f: f(x1)), n),
-        "gather": (each(rows, lambda r: r.index_select(0, idx)), n),
-        "per_call_big": (each(per_call[:2], lambda f: f(xb)), 2),
-        "packed_big": (each(packed[:2], lambda f: f(xb)), 2),
+    us = interleaved_best_us({
+        "per_call_1": each(per_call, lambda f: f(x1)),
+        "packed_1": each(packed, lambda f: f(x1)),
+        "gather": each(rows, lambda r: r.index_select(0, idx)),
+        "per_call_big": each(per_call[:2], lambda f: f(xb)),
+        "packed_big": each(packed[:2], lambda f: f(xb)),
     }, reps)
-    return Timings(**us, big=big, weight_bytes=out * inp * esize)
+    per_weight = {k: v / (2 if k.endswith("_big") else n) for k, v in us.items()}
+    return Timings(**per_weight, big=big, weight_bytes=out * inp * esize)
 
 
 def measured_cost(gemm: kernels.GemmFactory, dtype: torch.dtype) -> kernels.CostModel:

@@ -142,23 +142,6 @@ TORCH_GEMM = GemmFactory()
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
 
 
-def cpu_flags() -> dict[str, bool]:
-    """This host's vector ISA features (``/proc/cpuinfo``; torch's own checks elsewhere)."""
-    found: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    found = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    if not found:  # not Linux: ask torch
-        caps = getattr(torch.cpu, "get_capabilities", lambda: {})() or {}
-        found = {k.replace("avx512_f", "avx512f") for k, v in caps.items() if v is True}
-    return {k: k in found for k in CPU_FLAGS}
-
-
 def cpuinfo_field(name: str) -> str:
     """The first ``name : value`` of ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or ``""``."""
     try:
@@ -170,6 +153,15 @@ def cpuinfo_field(name: str) -> str:
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> dict[str, bool]:
+    """This host's vector ISA features (``/proc/cpuinfo``; torch's own checks elsewhere)."""
+    found = set(cpuinfo_field("flags").split())
+    if not found:  # not Linux: ask torch
+        caps = getattr(torch.cpu, "get_capabilities", lambda: {})() or {}
+        found = {k.replace("avx512_f", "avx512f") for k, v in caps.items() if v is True}
+    return {k: k in found for k in CPU_FLAGS}
 
 
 def host_kind(flags: Optional[dict[str, bool]] = None, vendor: Optional[str] = None) -> str:
