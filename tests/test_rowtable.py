@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vllm_channelmerge.format import FormatError
-from vllm_channelmerge.rowtable import check_row_index, compact_groups, extra_row_channels, from_groups, lookup
+from vllm_channelmerge.rowtable import (check_row_index, compact_groups, drop_unused_rows, extra_row_channels,
+                                     from_groups, lookup)
 
 
 def _table() -> torch.Tensor:
@@ -51,3 +52,77 @@ def test_from_groups_is_a_view_and_compact_groups_keeps_every_expert():
         want = w[gi[e].long(), torch.arange(6)]
         assert torch.equal(lookup(rows, ri, e), want) and torch.equal(lookup(crows, cri, e), want)
         assert torch.equal(cb[cri[e].long()], b[gi[e].long(), torch.arange(6)])
+
+
+def _v2_tensor(g: torch.Generator, n: int, out: int, in_: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random row table: each channel gets 0 to n-1 extra rows, the k-th used by expert k."""
+    index = torch.arange(out).repeat(n, 1)
+    extra = []
+    for c in range(out):
+        for k in range(1, 1 + int(torch.randint(0, n, (1,), generator=g))):
+            extra.append(c)
+            index[k, c] = out + len(extra) - 1
+    r = out + len(extra)
+    return torch.randn(r, in_, generator=g), index.to(torch.int32), torch.randn(r, generator=g)
+
+
+def _dense(rows: torch.Tensor, index: torch.Tensor, bias: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return lookup(rows, index, e), bias[index[e].long()]
+
+
+@pytest.mark.parametrize("split", ["column", "row"])
+def test_a_tensor_parallel_rank_holds_exactly_its_part_of_a_fused_row_table(split):
+    """Two ranks of a fused gate/up module: each rank's table, loaded in checkpoint order
+    (bias, row_index, weight) and pruned, gives every expert its dense rows for the rank's
+    channels (column split) or input features (row split), and keeps no extra row it does not use."""
+    from vllm_channelmerge.layers import Geometry, RowLayout, rank_slice
+
+    g = torch.Generator().manual_seed(3)
+    n, in_, outs = 3, 6, {0: 8, 1: 4}
+    tensors = {s: _v2_tensor(g, n, o, in_) for s, o in outs.items()}
+    geom = Geometry("mlp.gate_up_proj", (0, 1), outs, in_)
+    extras = [tensors[s][0].shape[0] - outs[s] for s in (0, 1)]
+    for rank in range(2):
+        if split == "column":
+            channels = {s: rank_slice(o, o // 2, rank, 2, "m") for s, o in outs.items()}
+            columns = (0, in_)
+        else:
+            channels, columns = None, rank_slice(in_, in_ // 2, rank, 2, "m")
+        lay = RowLayout.of(geom, extras, channels=channels, columns=columns)
+        out_here = sum(c for _, c in lay.channels.values())
+        rows = torch.zeros(lay.num_rows, columns[1])
+        index = torch.zeros(n, out_here, dtype=torch.int32)
+        bias = torch.zeros(lay.num_rows)
+        for s in (1, 0):
+            w, ri, b = tensors[s]
+            lay.load(bias, s, "bias", b)
+            lay.load(index, s, "row_index", ri)
+            lay.load(rows, s, "weight", w)
+        rows, index, bias = drop_unused_rows(rows, index, bias)
+        check_row_index("m.row_index", index, rows.shape[0])  # no unused row left
+        for e in range(n):
+            want_w, want_b = [], []
+            for s in (0, 1):
+                c0, cn = lay.channels[s]
+                w, b = _dense(*tensors[s], e)
+                want_w.append(w[c0 : c0 + cn, columns[0] : columns[0] + columns[1]])
+                want_b.append(b[c0 : c0 + cn])
+            got_w, got_b = _dense(rows, index, bias, e)
+            assert torch.equal(got_w, torch.cat(want_w)), (rank, e)
+            assert torch.equal(got_b, torch.cat(want_b)), (rank, e)
+
+
+def test_drop_unused_rows_keeps_a_fully_used_table_as_it_is():
+    rows, index, bias = _v2_tensor(torch.Generator().manual_seed(1), 3, 5, 2)
+    got = drop_unused_rows(rows, index, bias)
+    assert got[0] is rows and got[1] is index and got[2] is bias
+
+
+def test_rank_slice_follows_vllm_splits_and_refuses_an_uneven_one():
+    from vllm_channelmerge.layers import rank_slice
+
+    assert [rank_slice(8, 4, r, 2, "q") for r in range(2)] == [(0, 4), (4, 4)]
+    assert [rank_slice(4, 2, r, 4, "k") for r in range(4)] == [(0, 2), (0, 2), (2, 2), (2, 2)]  # replicated heads
+    assert rank_slice(8, 8, 1, 2, "replicated") == (0, 8)
+    with pytest.raises(FormatError, match="model.layers.0.mlp.down_proj: .* 3 of 8"):
+        rank_slice(8, 3, 0, 2, "model.layers.0.mlp.down_proj")

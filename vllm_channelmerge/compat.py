@@ -203,12 +203,28 @@ def _row_loader(method: "_MethodMixin", pname: str):
     return loader
 
 
-def _refuse_sharded(prefix: str, per_partition: tuple[int, int], full: tuple[int, int]) -> None:
-    if per_partition != full:
-        raise fmt.FormatError(
-            f"{prefix}: this checkpoint is format_version {fmt.ROW_TABLE_VERSION} (a row table, merged under a "
-            f"memory budget), which is served with tensor_parallel_size 1 only; the layer is sharded "
-            f"{per_partition} of {full}")
+def _tp_layout(layer: torch.nn.Module, method: "_MethodMixin", output_partition_sizes: list[int],
+               input_size_per_partition: int) -> layers.RowLayout:
+    """A linear's row layout on this tensor-parallel rank (format v2): its channels of each
+    constituent and its input features, as vLLM splits the layer."""
+    geom, rank, size = method.geom, layer.tp_rank, layer.tp_size
+    if len(output_partition_sizes) != len(geom.shards):
+        raise fmt.FormatError(f"{method.prefix}: vLLM splits it into {len(output_partition_sizes)} outputs, "
+                              f"the checkpoint has {len(geom.shards)} constituents")
+    channels = {s: layers.rank_slice(geom.out_rows[s], part, rank, size, layers.hf_name(method.prefix, s, "weight"))
+                for s, part in zip(geom.shards, output_partition_sizes)}
+    columns = layers.rank_slice(geom.in_features, input_size_per_partition, rank, size, method.prefix)
+    return layers.RowLayout.of(geom, method.ctx.cm.extra_rows_for(method.prefix), channels=channels, columns=columns)
+
+
+def _drop_unused_rows(layer: torch.nn.Module) -> None:
+    """After loading (format v2): keep only the extra rows this rank's channels use."""
+    bias = getattr(layer, "bias", None)
+    rows, index, b = rowtable.drop_unused_rows(layer.weight.data, layer.row_index.data,
+                                               bias.data if bias is not None else None)
+    layer.weight.data, layer.row_index.data = rows, index
+    if bias is not None:
+        bias.data = b
 
 
 def _add_param(layer: torch.nn.Module, name: str, shape: tuple, dtype: torch.dtype, attrs: dict) -> torch.nn.Parameter:
@@ -239,9 +255,8 @@ class _LinearMethodMixin(_MethodMixin):
         out = sum(output_partition_sizes)
         inner = extra_weight_attrs.pop("weight_loader")
         if self.ctx.cm.row_table:
-            _refuse_sharded(self.prefix, (out, input_size_per_partition), (output_size, input_size))
-            self.layout = layers.RowLayout.of(self.geom, self.ctx.cm.extra_rows_for(self.prefix))
-            _add_param(layer, "weight", (self.layout.num_rows, input_size), params_dtype,
+            self.layout = _tp_layout(layer, self, output_partition_sizes, input_size_per_partition)
+            _add_param(layer, "weight", (self.layout.num_rows, input_size_per_partition), params_dtype,
                        {**extra_weight_attrs, "weight_loader": _row_loader(self, "weight")})
             _add_param(layer, "row_index", (self.ctx.cm.num_experts, out), torch.int32,
                        {**extra_weight_attrs, "weight_loader": _row_loader(self, "row_index")})
@@ -273,6 +288,7 @@ class _LinearMethodMixin(_MethodMixin):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if self.layout is not None:
             layers.check_complete(layer, self.geom, layers.ROW_PARAMS)
+            _drop_unused_rows(layer)
             bias = layer.bias.data if getattr(layer, "bias", None) is not None else None
             layers.check_finite(self.prefix, layer.weight.data, bias)
             layer._cm_prepared = layers.prepare_rows(self.ctx, self.prefix, layer.weight.data, layer.row_index.data, bias)
@@ -298,8 +314,10 @@ class _EmbeddingMethodMixin(_MethodMixin):
         rows = sum(output_partition_sizes)
         extra_weight_attrs.pop("weight_loader", None)
         if self.ctx.cm.row_table:
-            _refuse_sharded(self.prefix, (rows,), (output_size,))
-            self.layout = layers.RowLayout.of(self.geom, self.ctx.cm.extra_rows_for(self.prefix), out_total=rows)
+            vocab = layer.shard_indices  # this rank's part of the vocabulary
+            first, count = vocab.org_vocab_start_index, vocab.org_vocab_end_index - vocab.org_vocab_start_index
+            self.layout = layers.RowLayout.of(self.geom, self.ctx.cm.extra_rows_for(self.prefix), out_total=rows,
+                                              channels={None: (first, count)})
             _add_param(layer, "weight", (self.layout.num_rows, input_size_per_partition), params_dtype,
                        {**extra_weight_attrs, "weight_loader": _row_loader(self, "weight")})
             ri = _add_param(layer, "row_index", (self.ctx.cm.num_experts, rows), torch.int32,
@@ -325,6 +343,7 @@ class _EmbeddingMethodMixin(_MethodMixin):
             return  # checked and prepared through the embedding it is tied to
         if self.layout is not None:
             layers.check_complete(layer, self.geom, ("weight", "row_index"))
+            _drop_unused_rows(layer)
             layers.check_finite(self.prefix, layer.weight.data, None)
             layer._cm_table = (layer.weight.data, layer.row_index.data.long(), None)
             return

@@ -123,17 +123,28 @@ class RowLayout:
     follow the ``out_total`` primary rows, again in shard order (:meth:`_offsets`). ``out_total``
     may exceed the checkpoint's rows (the vocabulary padding vLLM adds to embeddings): those
     rows are zero and every expert uses them as they are.
+
+    Under tensor parallelism a rank holds the ``channels`` of each shard and the ``columns`` of
+    the input that vLLM gives it. Its extra rows depend on the row index, which may load after
+    the weight, so every extra row of the shard is loaded and those of channels the rank does
+    not hold are dropped once all tensors are in (:func:`rowtable.drop_unused_rows`).
     """
 
     geom: Geometry
-    extra: dict[Any, int]  # extra rows per shard id
-    out_total: int
+    extra: dict[Any, int]  # the checkpoint's extra rows per shard id
+    out_total: int  # primary rows this rank holds, padding included
+    channels: dict[Any, tuple[int, int]]  # per shard id: (first channel, count) this rank holds
+    columns: tuple[int, int]  # (first input feature, count) this rank holds
 
     @classmethod
-    def of(cls, geom: Geometry, extras: list[int], out_total: Optional[int] = None) -> "RowLayout":
+    def of(cls, geom: Geometry, extras: list[int], out_total: Optional[int] = None,
+           channels: Optional[dict[Any, tuple[int, int]]] = None,
+           columns: Optional[tuple[int, int]] = None) -> "RowLayout":
         if len(extras) != len(geom.shards):
             raise fmt.FormatError(f"{geom.prefix}: {len(extras)} extra-row counts for {len(geom.shards)} modules")
-        return cls(geom, dict(zip(geom.shards, extras)), out_total if out_total is not None else geom.rows(None))
+        channels = channels or {s: (0, geom.out_rows[s]) for s in geom.shards}
+        total = out_total if out_total is not None else sum(n for _, n in channels.values())
+        return cls(geom, dict(zip(geom.shards, extras)), total, channels, columns or (0, geom.in_features))
 
     @property
     def num_rows(self) -> int:
@@ -144,7 +155,7 @@ class RowLayout:
         for s in self.geom.shards:
             if s == shard:
                 return p, self.out_total + e
-            p += self.geom.out_rows[s]
+            p += self.channels[s][1]
             e += self.extra[s]
         raise fmt.FormatError(f"{self.geom.prefix}: unknown shard {shard!r}")
 
@@ -166,21 +177,35 @@ class RowLayout:
         return name
 
     def load(self, param: torch.Tensor, shard: Any, pname: str, loaded: torch.Tensor) -> None:
-        """Copy one checked shard into the fused row table, remapping its row indices."""
+        """Copy this rank's part of one checked shard into the fused row table, remapping its
+        row indices: its channels' primary rows and all the shard's extra rows."""
         s = self.geom.shards[0] if shard is None else shard
-        out = self.geom.out_rows[s]
+        out, (c0, cn) = self.geom.out_rows[s], self.channels[s]
         p0, e0 = self._offsets(s)
         if pname == "row_index":
-            v = loaded.to(torch.long)
-            mapped = torch.where(v < out, v + p0, v - out + e0)
-            param[:, p0 : p0 + out].copy_(mapped.to(param.dtype))
+            v = loaded[:, c0 : c0 + cn].to(torch.long)
+            mapped = torch.where(v < out, v - c0 + p0, v - out + e0)
+            param[:, p0 : p0 + cn].copy_(mapped.to(param.dtype))
             return
-        param[p0 : p0 + out].copy_(loaded[:out])
+        if pname == "weight":
+            loaded = loaded.narrow(1, *self.columns)
+        param[p0 : p0 + cn].copy_(loaded[c0 : c0 + cn])
         param[e0 : e0 + self.extra[s]].copy_(loaded[out:])
 
     def init_index(self, row_index: torch.Tensor) -> None:
         """Rows no checkpoint tensor fills (vocabulary padding) use their own primary row."""
         row_index.copy_(torch.arange(row_index.shape[1], dtype=row_index.dtype).expand_as(row_index))
+
+
+def rank_slice(full: int, part: int, rank: int, size: int, what: str) -> tuple[int, int]:
+    """(first, count) of the ``part`` of ``full`` channels or features that tensor-parallel
+    rank ``rank`` of ``size`` holds: vLLM's column/row split, where ``full // part`` distinct
+    slices are shared by ``size`` ranks (k/v heads replicated over ranks; ``part == full``:
+    not split). ``what`` names the module in the error."""
+    if part <= 0 or full % part or size % (full // part):
+        raise fmt.FormatError(f"{what}: a tensor-parallel rank holds {part} of {full} rows or features "
+                              f"with {size} ranks, which is not an even split")
+    return (rank // (size // (full // part))) * part, part
 
 
 @dataclass

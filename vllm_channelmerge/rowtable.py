@@ -77,6 +77,29 @@ def check_row_index(name: str, row_index: torch.Tensor, num_rows: int) -> None:
         raise FormatError(f"checkpoint tensor {name!r}: extra row {int(unused[0]) + out} is used by no expert")
 
 
+def drop_unused_rows(rows: torch.Tensor, row_index: torch.Tensor, bias: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The row table without the extra rows no expert's index points at, renumbered.
+
+    A tensor-parallel rank loads all of a shard's extra rows, also those of the channels other
+    ranks hold; this keeps its own. The primary rows ``0..out-1`` are always kept. Returns the
+    inputs themselves when every row is used (one rank: every extra row is, see
+    :func:`check_row_index`).
+    """
+    out = row_index.shape[1]
+    idx = row_index.long()
+    used = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    used[:out] = True
+    used[idx.flatten().to(rows.device)] = True
+    if bool(used.all()):
+        return rows, row_index, bias
+    keep = torch.nonzero(used).flatten()
+    renumber = torch.full((rows.shape[0],), -1, dtype=torch.long, device=rows.device)
+    renumber[keep] = torch.arange(keep.numel(), device=rows.device)
+    new_index = renumber[idx.to(rows.device)].to(device=row_index.device, dtype=row_index.dtype)
+    return rows.index_select(0, keep), new_index, None if bias is None else bias.index_select(0, keep)
+
+
 def lookup(rows: torch.Tensor, row_index: torch.Tensor, expert: int) -> torch.Tensor:
     """Expert ``expert``'s dense tensor ``[out, ...]``: its row of every channel."""
     return rows.index_select(0, row_index[expert].long().to(rows.device))

@@ -16,6 +16,7 @@ import pytest
 
 from .conftest import EXPERTS, _json_run, needs_vllm, run_script
 from .test_engine import _same_logprobs
+from .test_tensor_parallel import assert_tp2_equals_tp1, needs_tp2
 
 pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow]
 
@@ -101,3 +102,10 @@ def test_a_row_index_pointing_at_another_channel_is_refused(budget_family, vllm_
     p = run_script(["load", str(d)], vllm_env, timeout=400)
     err = p.stdout + p.stderr
     assert p.returncode != 0 and f"'{victim}'" in err and "a channel may use only its own rows" in err
+
+
+@needs_tp2
+def test_budget_checkpoint_tp2_equals_tp1(budget_family, budget_runs, vllm_env, tmp_path):
+    """Each rank holds its channels' rows (and the tied embedding its vocabulary's) of a row
+    table whose channels have one, two or three rows."""
+    assert_tp2_equals_tp1(budget_family["merged"], budget_runs[0], vllm_env, tmp_path)
