@@ -37,6 +37,11 @@ The single-model merges (K=1) are the classic ones: norms merged with the method
 (``fold_norms: false``), so nothing is kept per expert. Channel merges fold the layer norms
 and keep the final norm per expert (exact, ``docs/format.md``).
 
+An interrupted system resumes: each task's score is kept in ``work/quality/partial/`` until the
+system is done, and a rerun with the same adapters or checkpoint, split and concurrency scores
+only the tasks left (the entry's ``resumed`` says which were kept). ``--tasks`` scores some
+tasks of a system now and leaves the rest for a later run.
+
     python -m benchmarks.quality.compare --systems channel_k2_average single_average
     python -m benchmarks.quality.compare --systems lora_r16 lora_r32 lora_r64 lora_r128 lora_r256
     python -m benchmarks.quality.compare --split val --systems channel_k2_ties@density=0.3
@@ -336,7 +341,9 @@ def _group_alive(pgid: int) -> bool:
 
 # ----------------------------------------------------------------------------- measuring
 
-def measure(name: str, concurrency: int, limit: Optional[int], split: str = "test") -> dict[str, Any]:
+def measure(name: str, concurrency: int, limit: Optional[int], split: str = "test",
+            only: Optional[list[str]] = None) -> dict[str, Any]:
+    """One system scored on every task; with `only`, just those tasks now (kept for a later run)."""
     spec = parse_system(name)
     adapters: Optional[dict[str, Path]] = None
     if spec["kind"] == "expert":
@@ -363,10 +370,25 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
         entry["lora"] = {t: {k: v for k, v in lora.info(t, spec["lora_rank"]).items() if k != "command"}
                          for t in TASKS}
         entry["lora_dirs"] = {t: str(p.relative_to(ROOT)) for t, p in adapters.items()}
+    # Tasks scored by an earlier, interrupted run of the same system (same adapters or checkpoint,
+    # split and concurrency) are kept: a LoRA system takes up to 100 minutes here.
+    fingerprint = {"system": name, "split": split, "concurrency": concurrency, "model_dir": str(model_dir),
+                   "params_ratio": entry["params_ratio"], "lora": entry.get("lora")}
+    partial = WORK / "partial" / f"{name}.{split}.json"
+    done = _load_partial(partial, fingerprint) if not limit else {}
+    for key in ("accuracy", "eval_seconds", "samples"):
+        if done.get(key):
+            entry[key] = dict(done[key])
+    routed: dict[str, dict[str, int]] = dict(done.get("routed_to", {}))
+    if done.get("accuracy"):
+        entry["resumed"] = {"tasks": sorted(done["accuracy"]), "from_run_started": done["started"]}
+        print(f"  resuming {partial}: {', '.join(sorted(done['accuracy']))} already scored", flush=True)
+    started = done.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with Server(server_cmd(spec, model_dir, served, port, adapters), port, WORK / "logs" / f"{name}.log") as srv:
         entry["server_start_seconds"] = srv.start_seconds
-        routed: dict[str, dict[str, int]] = {}
         for t in tasks:
+            if t in entry["accuracy"] or (only and t not in only):
+                continue
             model = t if spec["kind"] == "lora" else served or ("auto" if spec["kind"] == "auto" else t)
             gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model, concurrency=concurrency)
             res = evaluate(gen, [t], split, limit, verbose=True)
@@ -378,6 +400,9 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
                 for m in gen.answered_by:
                     counts[m] = counts.get(m, 0) + 1
                 routed[t] = counts
+            if not limit:
+                _save_partial(partial, {"fingerprint": fingerprint, "started": started, "routed_to": routed,
+                                        **{k: entry[k] for k in ("accuracy", "eval_seconds", "samples")}})
         if routed:
             entry["routed_to"] = routed
             n = sum(sum(c.values()) for c in routed.values())
@@ -395,7 +420,29 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
     entry["items_per_task"] = limit or (200 if split == "test" else 100)
     entry["seconds"] = round(time.time() - t0, 1)
     entry["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    pending = [t for t in tasks if t not in entry["accuracy"]]
+    if pending:
+        entry["pending"] = pending
+    else:
+        partial.unlink(missing_ok=True)
     return entry
+
+
+def _load_partial(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") != fingerprint:
+        print(f"  {path}: from another configuration of this system; scoring every task again", flush=True)
+        return {}
+    return saved
+
+
+def _save_partial(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def derive_ensemble(systems: dict[str, Any]) -> Optional[dict[str, Any]]:
@@ -612,6 +659,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--systems", nargs="+", default=DEFAULT_SYSTEMS, help="systems to measure, in order")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--limit", type=int, help="first N test items per task (smoke runs; not written)")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS),
+                    help="score only these tasks now; a system is written once a later run has scored the rest")
     ap.add_argument("--split", choices=["test", "val"], default="test",
                     help="val: settle hyperparameters (results to sweep.json, not to the test table)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from results.json")
@@ -625,10 +674,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not a.report_only:
         for name in a.systems:
             print(f"== {name}", flush=True)
-            entry = measure(name, a.concurrency, a.limit, a.split)
+            entry = measure(name, a.concurrency, a.limit, a.split, a.tasks)
             entry["machine"] = machine_info()
             print(f"{name}: {json.dumps(entry['accuracy'])} average {entry['average']}", flush=True)
             if a.limit:
+                continue
+            if entry.get("pending"):
+                print(f"{name}: not written yet, {', '.join(entry['pending'])} still to score "
+                      f"(work/quality/partial/ keeps the rest)", flush=True)
                 continue
             if a.split == "val":
                 sweep = json.loads(SWEEP_JSON.read_text()) if SWEEP_JSON.exists() else {"systems": {}}

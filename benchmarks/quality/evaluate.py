@@ -66,13 +66,20 @@ class HFGenerator:
         return outs
 
 
+# One request waits for the whole batch it shares the engine with: 64 rank-128 LoRA requests on a
+# 2-core CPU took longer than the client's default 600 s. No retries: the client's default two
+# would resend a request the server is still working on, and an error must end the run loudly.
+REQUEST_TIMEOUT_S = 3 * 3600.0
+
+
 class OpenAIGenerator:
     """Chat completions at temperature 0 against an OpenAI-compatible server."""
 
-    def __init__(self, base_url: str, model: str, api_key: str = "EMPTY", concurrency: int = 16):
+    def __init__(self, base_url: str, model: str, api_key: str = "EMPTY", concurrency: int = 16,
+                 timeout: float = REQUEST_TIMEOUT_S):
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, api_key=api_key)
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
         self.model = model
         self.name = f"{base_url}#{model}"
         self.concurrency = concurrency
