@@ -1,0 +1,29 @@
+"""The quality benchmark's client and resume bookkeeping (benchmarks/quality)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.quality import compare, evaluate
+
+
+def test_openai_generator_waits_for_slow_batches_and_never_retries() -> None:
+    # 64 rank-128 LoRA requests on 2 cores outlasted the client's default 600 s, and its default
+    # retries would have resent requests the server was still working on.
+    g = evaluate.OpenAIGenerator("http://127.0.0.1:9/v1", "arith")
+    assert g.client.max_retries == 0
+    assert g.client.timeout == evaluate.REQUEST_TIMEOUT_S
+    assert evaluate.REQUEST_TIMEOUT_S >= 3600
+
+
+def test_partial_scores_resume_only_for_the_same_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "partial" / "lora_r128.test.json"
+    fp = {"system": "lora_r128", "split": "test", "concurrency": 64, "model_dir": "/m", "params_ratio": 0.6,
+          "lora": {"arith": {"adapter_params": 1}}}
+    compare._save_partial(path, {"fingerprint": fp, "started": "2026-12-07T12:00:00+00:00",
+                                 "accuracy": {"arith": 0.83}, "eval_seconds": {"arith": 1.0}, "samples": {}})
+    assert compare._load_partial(path, fp)["accuracy"] == {"arith": 0.83}
+    assert compare._load_partial(path, {**fp, "concurrency": 16}) == {}
+    assert compare._load_partial(path, {**fp, "lora": {"arith": {"adapter_params": 2}}}) == {}
+    assert compare._load_partial(tmp_path / "missing.json", fp) == {}
+    assert not list(path.parent.glob("*.tmp"))
