@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+
+from merge_tool.io import ModelReader
 
 from .base_model import BASE_DIR, EXPERTS_DIR
 from .evaluate import machine_info
@@ -44,42 +45,49 @@ CASES: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
 }
 
 
-def load_dir(d: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def timed(cmd: list[str]) -> float:
     t0 = time.time()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return round(time.time() - t0, 1)
 
 
-def threshold_ties(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], density: float
-                   ) -> dict[str, int]:
-    """Where the TIES merges differ, and how many of those entries are exact ties with an expert's
-    trim threshold: both keep k = max(1, int(density * numel)) entries of |tau| by magnitude, but
-    mergekit keeps exactly k (an argsort picks among equal magnitudes) and ours every entry >= the
-    k-th (docs/merge-config.md). TIES is elementwise after trimming, so an entry can only differ
-    where the kept sets differ."""
-    base = load_dir(BASE_DIR)
-    experts = [load_dir(EXPERTS_DIR / t) for t in TASKS]
-    differ = at_tie = 0
-    for k in ours:
-        diff = (ours[k].double() - theirs[k].double()).abs() > 0
-        if not diff.any():
+def compare(ours_dir: Path, theirs_dir: Path, ties_density: float | None) -> dict[str, Any]:
+    """Every tensor of the two merges compared in float64, one tensor in memory at a time.
+
+    With `ties_density`, also where the TIES merges differ and how many of those entries are exact
+    ties with an expert's trim threshold: both keep k = max(1, int(density * numel)) entries of
+    |tau| by magnitude, but mergekit keeps exactly k (an argsort picks among equal magnitudes) and
+    ours every entry >= the k-th (docs/merge-config.md). TIES is elementwise after trimming, so an
+    entry can only differ where the kept sets differ."""
+    ours, theirs = ModelReader(ours_dir, "channelmerge"), ModelReader(theirs_dir, "mergekit")
+    if set(ours.names) != set(theirs.names):
+        raise SystemExit(f"{ours_dir} vs {theirs_dir}: tensor names differ: "
+                         f"{sorted(set(ours.names) ^ set(theirs.names))[:5]}")
+    base = ModelReader(BASE_DIR, "base")
+    experts = [ModelReader(EXPERTS_DIR / t, t) for t in TASKS]
+    diffs: dict[str, float] = {}
+    differ = at_tie = entries = 0
+    for k in sorted(ours.names):
+        a, b = ours.get(k).double(), theirs.get(k).double()
+        diff = (a - b).abs()
+        diffs[k], entries = float(diff.max()), entries + a.numel()
+        if ties_density is None or diffs[k] == 0:
             continue
-        tie = torch.zeros_like(diff)
+        tie = torch.zeros(a.shape, dtype=torch.bool)
+        base_k = base.get(k).double()
         for e in experts:
-            mag = (e[k].double() - base[k].double()).abs().flatten()
-            thr = torch.topk(mag, max(1, int(density * mag.numel()))).values[-1]
-            tie |= (mag == thr).view_as(diff)
-        differ += int(diff.sum())
-        at_tie += int((diff & tie).sum())
-    return {"differing_entries": differ, "differing_at_threshold_ties": at_tie,
-            "entries": sum(t.numel() for t in ours.values())}
+            mag = (e.get(k).double() - base_k).abs()
+            thr = torch.topk(mag.flatten(), max(1, int(ties_density * mag.numel()))).values[-1]
+            tie |= mag == thr
+        differ += int((diff > 0).sum())
+        at_tie += int(((diff > 0) & tie).sum())
+    worst = max(diffs, key=diffs.__getitem__)
+    out: dict[str, Any] = {"tensors": len(diffs), "max_abs_diff": diffs[worst], "worst_tensor": worst,
+                           "bit_identical_tensors": sum(v == 0 for v in diffs.values()),
+                           "within_tol": diffs[worst] <= TOL}
+    if ties_density is not None:
+        out.update(differing_entries=differ, differing_at_threshold_ties=at_tie, entries=entries)
+    return out
 
 
 def run_case(name: str) -> dict[str, Any]:
@@ -101,17 +109,10 @@ def run_case(name: str) -> dict[str, Any]:
     timed([str(BIN / "channelmerge"), "extract", str(d / "merged"), TASKS[0], str(d / "dense")])
     t_mk = timed([str(BIN / "mergekit-yaml"), str(d / "mergekit.yml"), str((d / "mergekit").absolute()),
                   "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--no-cuda"])
-    ours, theirs = load_dir(d / "dense"), load_dir(d / "mergekit")
-    if ours.keys() != theirs.keys():
-        raise SystemExit(f"{name}: tensor names differ: {sorted(ours.keys() ^ theirs.keys())[:5]}")
-    diffs = {k: float((ours[k].double() - theirs[k].double()).abs().max()) for k in ours}
-    worst = max(diffs, key=diffs.__getitem__)
-    ties = threshold_ties(ours, theirs, ours_p["density"]) if ours_m == "ties" else {}
+    res = compare(d / "dense", d / "mergekit", ours_p["density"] if ours_m == "ties" else None)
     for sub in ("merged", "dense", "mergekit"):  # ~0.5 GB each; the configs stay
         shutil.rmtree(d / sub)
-    return {**ties, "ours": {"method": ours_m, "parameters": ours_p}, "mergekit": {"method": mk_m, "parameters": mk_p},
-            "tensors": len(diffs), "max_abs_diff": diffs[worst], "worst_tensor": worst,
-            "bit_identical_tensors": sum(v == 0 for v in diffs.values()), "within_tol": diffs[worst] <= TOL,
+    return {**res, "ours": {"method": ours_m, "parameters": ours_p}, "mergekit": {"method": mk_m, "parameters": mk_p},
             "seconds": {"channelmerge": t_ours, "mergekit": t_mk}}
 
 
