@@ -16,6 +16,11 @@ def test_openai_generator_waits_for_slow_batches_and_never_retries() -> None:
     assert evaluate.REQUEST_TIMEOUT_S >= 3600
 
 
+def test_quality_servers_allow_long_engine_steps() -> None:
+    # vLLM's default (300 s) killed the engine during a rank-128 LoRA prefill of 64 requests.
+    assert int(compare.SERVER_ENV["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) >= 3600
+
+
 def test_partial_scores_resume_only_for_the_same_configuration(tmp_path: Path) -> None:
     path = tmp_path / "partial" / "lora_r128.test.json"
     fp = {"system": "lora_r128", "split": "test", "concurrency": 64, "model_dir": "/m", "params_ratio": 0.6,

@@ -283,6 +283,12 @@ def server_cmd(spec: dict[str, Any], model_dir: Path, served: Optional[str], por
             "--port", str(port), *SERVER_ARGS]
 
 
+# One engine step may take minutes here: the first prefill of 64 rank-128 LoRA requests on a busy
+# 2-core CPU outlasted vLLM's 300-s limit for a step, which kills the engine.
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+              "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
+
+
 class Server:
     """One vLLM server process group; always stopped on exit (also on error or Ctrl-C)."""
 
@@ -291,10 +297,7 @@ class Server:
         self.proc: Optional[subprocess.Popen] = None
 
     def __enter__(self) -> "Server":
-        # One engine step may take minutes here: the first prefill of 64 rank-128 LoRA requests on a
-        # busy 2-core CPU outlasted vLLM's 300-s limit for a step, which kills the engine.
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-               "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
+        env = {**os.environ, **SERVER_ENV}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         print("starting:", " ".join(self.cmd), flush=True)
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
