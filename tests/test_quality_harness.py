@@ -32,3 +32,49 @@ def test_partial_scores_resume_only_for_the_same_configuration(tmp_path: Path) -
     assert compare._load_partial(path, {**fp, "lora": {"arith": {"adapter_params": 2}}}) == {}
     assert compare._load_partial(tmp_path / "missing.json", fp) == {}
     assert not list(path.parent.glob("*.tmp"))
+
+
+class _NoServer:
+    start_seconds = 0.0
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def __enter__(self) -> "_NoServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _fake_measure(monkeypatch, tmp_path: Path) -> list[str]:
+    """compare.measure with no server: each task scores 1.0; returns the tasks it scored."""
+    scored: list[str] = []
+
+    def fake_evaluate(gen, tasks, split, limit, verbose=False):
+        scored.extend(tasks)
+        return {"accuracy": {t: 1.0 for t in tasks}, "seconds": {t: 0.1 for t in tasks},
+                "samples": {t: [] for t in tasks}}
+
+    monkeypatch.setattr(compare, "WORK", tmp_path)
+    monkeypatch.setattr(compare, "Server", _NoServer)
+    monkeypatch.setattr(compare, "server_cmd", lambda *a: [])
+    monkeypatch.setattr(compare, "params_ratio", lambda *a: 0.25)
+    monkeypatch.setattr(compare, "OpenAIGenerator", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "evaluate", fake_evaluate)
+    return scored
+
+
+def test_measure_resumes_saved_tasks_and_a_smoke_run_keeps_them(monkeypatch, tmp_path: Path) -> None:
+    scored = _fake_measure(monkeypatch, tmp_path)
+    first, rest = compare.TASKS[0], list(compare.TASKS[1:])
+    entry = compare.measure("base", 64, None, only=[first])
+    assert entry["pending"] == rest and scored == [first]
+    partial = tmp_path / "partial" / "base.test.json"
+    assert partial.exists()
+    compare.measure("base", 64, 5)  # a smoke run neither reads nor removes the saved scores
+    assert partial.exists()
+    scored.clear()
+    entry = compare.measure("base", 64, None)
+    assert scored == rest and entry["resumed"]["tasks"] == [first] and "pending" not in entry
+    assert not partial.exists()

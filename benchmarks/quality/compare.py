@@ -429,7 +429,7 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
     pending = [t for t in tasks if t not in entry["accuracy"]]
     if pending:
         entry["pending"] = pending
-    else:
+    elif not limit:  # a smoke run leaves an interrupted full run's scores alone
         partial.unlink(missing_ok=True)
     return entry
 
