@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks.quality import compare, evaluate
@@ -36,9 +37,10 @@ def test_partial_scores_resume_only_for_the_same_configuration(tmp_path: Path) -
 
 class _NoServer:
     start_seconds = 0.0
+    started = 0
 
     def __init__(self, *args: object) -> None:
-        pass
+        _NoServer.started += 1
 
     def __enter__(self) -> "_NoServer":
         return self
@@ -78,3 +80,20 @@ def test_measure_resumes_saved_tasks_and_a_smoke_run_keeps_them(monkeypatch, tmp
     entry = compare.measure("base", 64, None)
     assert scored == rest and entry["resumed"]["tasks"] == [first] and "pending" not in entry
     assert not partial.exists()
+
+
+def test_measure_starts_no_server_when_nothing_is_left_to_score(monkeypatch, tmp_path: Path) -> None:
+    scored = _fake_measure(monkeypatch, tmp_path)
+    first = compare.TASKS[0]
+    _NoServer.started = 0
+    entry = compare.measure("expert_" + first, 64, None, only=[compare.TASKS[1]])  # not this expert's task
+    assert _NoServer.started == 0 and scored == [] and entry["pending"] == [first]
+    compare.measure("base", 64, None, only=[first])
+    assert _NoServer.started == 1
+    # every task saved but the results not yet written (a run cut off after its last task): no server
+    partial = tmp_path / "partial" / "base.test.json"
+    saved = json.loads(partial.read_text())
+    saved["accuracy"] = {t: 1.0 for t in compare.TASKS}
+    partial.write_text(json.dumps(saved))
+    entry = compare.measure("base", 64, None)
+    assert _NoServer.started == 1 and entry["average"] == 1.0 and "pending" not in entry

@@ -51,6 +51,7 @@ tasks of a system now and leaves the rest for a later run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -390,11 +391,15 @@ def measure(name: str, concurrency: int, limit: Optional[int], split: str = "tes
         entry["resumed"] = {"tasks": sorted(done["accuracy"]), "from_run_started": done["started"]}
         print(f"  resuming {partial}: {', '.join(sorted(done['accuracy']))} already scored", flush=True)
     started = done.get("started") or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with Server(server_cmd(spec, model_dir, served, port, adapters), port, WORK / "logs" / f"{name}.log") as srv:
-        entry["server_start_seconds"] = srv.start_seconds
-        for t in tasks:
-            if t in entry["accuracy"] or (only and t not in only):
-                continue
+    todo = [t for t in tasks if t not in entry["accuracy"] and (not only or t in only)]
+    if not todo:  # e.g. `expert_arith --tasks code`, or every task saved by a run cut off before writing
+        print(f"  {name}: no task left to score now; no server started", flush=True)
+    server = (Server(server_cmd(spec, model_dir, served, port, adapters), port, WORK / "logs" / f"{name}.log")
+              if todo else contextlib.nullcontext())
+    with server as srv:
+        if srv is not None:
+            entry["server_start_seconds"] = srv.start_seconds
+        for t in todo:
             model = t if spec["kind"] == "lora" else served or ("auto" if spec["kind"] == "auto" else t)
             gen = OpenAIGenerator(f"http://127.0.0.1:{port}/v1", model, concurrency=concurrency)
             res = evaluate(gen, [t], split, limit, verbose=True)
