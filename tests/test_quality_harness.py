@@ -50,8 +50,9 @@ class _NoServer:
 
 
 def _fake_measure(monkeypatch, tmp_path: Path) -> list[str]:
-    """compare.measure with no server: each task scores 1.0; returns the tasks it scored."""
+    """compare.measure with no server (starts counted in _NoServer.started): each task scores 1.0; returns the tasks it scored."""
     scored: list[str] = []
+    _NoServer.started = 0
 
     def fake_evaluate(gen, tasks, split, limit, verbose=False):
         scored.extend(tasks)
@@ -85,7 +86,6 @@ def test_measure_resumes_saved_tasks_and_a_smoke_run_keeps_them(monkeypatch, tmp
 def test_measure_starts_no_server_when_nothing_is_left_to_score(monkeypatch, tmp_path: Path) -> None:
     scored = _fake_measure(monkeypatch, tmp_path)
     first = compare.TASKS[0]
-    _NoServer.started = 0
     entry = compare.measure("expert_" + first, 64, None, only=[compare.TASKS[1]])  # not this expert's task
     assert _NoServer.started == 0 and scored == [] and entry["pending"] == [first]
     compare.measure("base", 64, None, only=[first])
